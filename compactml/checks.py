@@ -22,7 +22,9 @@ def check_finite(model: nn.Module) -> None:
             )
 
 
-def run_checked(model: nn.Module, inputs: Any, forward=None) -> Any:
+def run_checked(
+    model: nn.Module, inputs: Any, forward=None, what: str = "the example input"
+) -> Any:
     """Run ``model`` on ``inputs`` without gradients; a failure becomes a one-line user error.
 
     A wrong shape or dtype surfaces deep inside torch as a long RuntimeError; the user needs to
@@ -34,6 +36,6 @@ def run_checked(model: nn.Module, inputs: Any, forward=None) -> Any:
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CompactMLError(
-            f"the model cannot run on the example input {describe(inputs)} ({reason}); "
+            f"the model cannot run on {what} {describe(inputs)} ({reason}); "
             "pass an input shaped as the model expects, e.g. task.example_input()"
         ) from exc

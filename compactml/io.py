@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,17 +33,24 @@ def refuse_overwrite(output: str | os.PathLike, input_path: str | os.PathLike | 
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+def atomic_writer(
+    path: str | os.PathLike, mode: str = "wb", permissions: int | None = None
+) -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success fsync it and rename it into place.
 
-    On any exception the temporary file is removed and ``path`` is left as it was.
+    On any exception the temporary file is removed and ``path`` is left as it was. The file
+    gets ``permissions`` if given, else those of the file it replaces, else 0o644 (a temporary
+    file alone would be readable by its owner only).
     """
     path = Path(path)
     if path.exists() and path.is_dir():
         raise CompactMLError(f"output path {path} is a directory; give a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
+    if permissions is None:
+        permissions = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, permissions)
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
@@ -54,9 +62,11 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically and return the path."""
-    with atomic_writer(path, "wb") as handle:
+def atomic_write_bytes(
+    path: str | os.PathLike, data: bytes, permissions: int | None = None
+) -> Path:
+    """Write ``data`` to ``path`` atomically (see ``atomic_writer``) and return the path."""
+    with atomic_writer(path, "wb", permissions) as handle:
         handle.write(data)
     return Path(path)
 

@@ -66,7 +66,8 @@ def _split_factory(spec: str) -> tuple[Path, str]:
 def _call_factory(path: Path, func: str) -> Any:
     if not path.is_file():
         raise CompactMLError(f"model file {path} does not exist; check the path")
-    module_name = "_compactml_factory_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    module_name = f"_compactml_factory_{digest}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
         raise CompactMLError(f"cannot import {path}; is it a Python file?")
@@ -88,8 +89,12 @@ def load_factory(spec: str) -> tuple[nn.Module, Task | None]:
             f"{spec} returned {type(model).__name__}; the factory must return an nn.Module "
             "or a (model, Task) pair"
         )
-    source = {"kind": "factory", "spec": spec, "path": str(path.resolve()),
-              "sha256": file_sha256(path)}
+    source = {
+        "kind": "factory",
+        "spec": spec,
+        "path": str(path.resolve()),
+        "sha256": file_sha256(path),
+    }
     return set_source(model, source), task
 
 

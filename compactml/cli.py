@@ -1,0 +1,276 @@
+"""The ``compactml`` command: profile, evaluate, sign and verify models from the shell.
+
+MODEL arguments accept a built-in name (``digits-cnn``, ``minilm``), a ``.cml`` artifact, a
+Hugging Face model folder, or ``path/to/file.py:factory``. The flags ``--json`` (machine
+output on stdout), ``--quiet`` (errors only) and ``--debug`` (tracebacks) may appear anywhere
+on the command line. Bad input prints ``error: <what and how to fix>`` and exits with 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import typer
+from rich.console import Console
+
+from compactml.errors import CompactMLError
+from compactml.report.build import new_report
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Make trained PyTorch models smaller, faster and cheaper to run, and prove it. "
+    "Global flags, anywhere on the line: --json, --quiet, --debug.",
+)
+GLOBAL_FLAGS = ("--json", "--quiet", "--debug")
+
+
+@dataclass
+class Output:
+    """How the current command should speak: rich tables, JSON on stdout, or nothing."""
+
+    json: bool = False
+    quiet: bool = False
+    debug: bool = False
+    console: Console = field(default_factory=lambda: Console(highlight=False))
+
+    @property
+    def human(self) -> bool:
+        return not (self.json or self.quiet)
+
+    def print(self, *items: Any) -> None:
+        if self.human:
+            for item in items:
+                self.console.print(item)
+
+    def emit(self, data: Any) -> None:
+        """Print ``data`` as JSON on stdout when --json is set."""
+        if self.json:
+            sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+OUT = Output()
+
+
+def _example_input(task, input_shape: str | None):
+    import torch
+
+    if input_shape:
+        try:
+            shape = tuple(int(part) for part in input_shape.replace("x", ",").split(","))
+        except ValueError:
+            raise CompactMLError(
+                f"--input-shape {input_shape!r} is not a list of integers; write e.g. 1,3,224,224"
+            ) from None
+        return torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    if task is None:
+        raise CompactMLError(
+            "this model has no built-in task to take an example input from; "
+            "pass --input-shape, e.g. --input-shape 1,3,224,224"
+        )
+    return task.example_input()
+
+
+def _resolve(model: str):
+    from compactml.source import resolve
+
+    if OUT.human:
+        with OUT.console.status(f"loading {model}"):
+            return resolve(model)
+    return resolve(model)
+
+
+def _save_report(report: dict, folder: Path | None) -> None:
+    if folder is None:
+        return
+    from compactml.report import write_report
+
+    paths = write_report(report, folder)
+    OUT.print(f"report written to {paths['html']}")
+
+
+@app.command()
+def profile(
+    model: str = typer.Argument(..., help="built-in name, .cml file, HF folder or file.py:fn"),
+    target: str | None = typer.Option(None, help="device to check the fit against (see targets)"),
+    repeats: int = typer.Option(30, min=1, help="timed runs for the latency median"),
+    threads: int | None = typer.Option(None, min=1, help="CPU threads for the latency runs"),
+    input_shape: str | None = typer.Option(None, help="example input shape, e.g. 1,3,224,224"),
+    report: Path | None = typer.Option(None, "--report", "-o", help="write a report folder"),
+) -> None:
+    """Measure size as stored, MACs, latency, peak memory, energy, and the fit on a device."""
+    from compactml.profile import profile as run_profile
+    from compactml.report.console import console_blocks
+
+    net, task = _resolve(model)
+    example = _example_input(task, input_shape)
+    result = run_profile(net, example, target=target, repeats=repeats, threads=threads)
+    data = result.to_dict()
+    OUT.emit(data)
+    full = new_report(f"Profile of {model}", model, profile=data)
+    OUT.print(*console_blocks(full))
+    _save_report(full, report)
+
+
+@app.command("eval")
+def evaluate_cmd(
+    model: str = typer.Argument(..., help="built-in name, .cml file, HF folder or file.py:fn"),
+    reference: str | None = typer.Option(None, help="original model to compare against"),
+    limit: int | None = typer.Option(None, min=1, help="evaluate on the first N batches only"),
+    report: Path | None = typer.Option(None, "--report", "-o", help="write a report folder"),
+) -> None:
+    """Evaluate quality: accuracy and calibration, retrieval and fidelity, or perplexity."""
+    from compactml.evaluate import evaluate
+    from compactml.report.console import console_blocks
+
+    net, task = _resolve(model)
+    if task is None:
+        raise CompactMLError(
+            f"{model} has no built-in task to evaluate on; evaluate it from Python with "
+            "cml.evaluate(model, cml.Task(eval=...))"
+        )
+    ref = _resolve(reference)[0] if reference else None
+    metrics = evaluate(net, task, reference=ref, limit=limit, progress=OUT.human)
+    reference_metrics = None
+    if ref is not None:
+        reference_metrics = evaluate(ref, task, limit=limit, progress=OUT.human)
+    reference_metrics = reference_metrics and dict(reference_metrics)
+    OUT.emit({"metrics": dict(metrics), "reference_metrics": reference_metrics})
+    full = new_report(
+        f"Evaluation of {model}",
+        model,
+        metrics=dict(metrics),
+        reference_metrics=reference_metrics,
+    )
+    OUT.print(*console_blocks(full))
+    _save_report(full, report)
+
+
+@app.command()
+def targets() -> None:
+    """List the built-in devices that --target accepts, with their memory."""
+    from compactml.profile.targets import load_targets
+    from compactml.report.console import targets_table
+
+    rows = [t.to_dict() for t in load_targets().values()]
+    OUT.emit(rows)
+    OUT.print(targets_table(rows))
+
+
+@app.command()
+def keygen(
+    out: Path = typer.Option(..., "--out", "-o", help="private key path; the public key gets .pub"),
+) -> None:
+    """Create an ed25519 key pair for signing artifacts."""
+    from compactml.export.signing import key_id, load_public_key, write_keypair
+
+    private_path, public_path = write_keypair(out)
+    kid = key_id(load_public_key(public_path))
+    OUT.emit({"private_key": str(private_path), "public_key": str(public_path), "key_id": kid})
+    OUT.print(
+        f"private key: {private_path} (keep it secret)",
+        f"public key:  {public_path}",
+        f"key id:      {kid}",
+    )
+
+
+@app.command()
+def sign(
+    artifact: Path = typer.Argument(..., help=".cml file to sign"),
+    key: Path = typer.Option(..., "--key", "-k", help="private key (from compactml keygen)"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="signed copy (default X.signed.cml)"),
+) -> None:
+    """Write a signed copy of an artifact; the input file is never changed."""
+    from compactml.export.artifact import sign_artifact
+
+    out = out or artifact.with_name(artifact.stem + ".signed.cml")
+    path = sign_artifact(artifact, out, key)
+    OUT.emit({"signed": str(path)})
+    OUT.print(f"signed copy written to {path}")
+
+
+@app.command()
+def verify(
+    artifact: Path = typer.Argument(..., help=".cml file to verify"),
+    key: Path = typer.Option(..., "--key", "-k", help="public key of the signer"),
+) -> None:
+    """Check an artifact's digests and its signature against a public key (exit 2 if wrong)."""
+    from compactml.export.artifact import verify_artifact
+    from compactml.export.signing import key_id, load_public_key
+
+    manifest = verify_artifact(artifact, key)
+    summary = {
+        "artifact": str(artifact),
+        "verified": True,
+        "key_id": key_id(load_public_key(key)),
+        "tensor_sha256": manifest.get("tensor_sha256"),
+        "source": manifest.get("source"),
+    }
+    OUT.emit(summary)
+    OUT.print(
+        f"[green]verified[/green] {artifact}: signature by key {summary['key_id']}, "
+        f"tensor sha256 {summary['tensor_sha256']}"
+    )
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="output folder"),
+    target: str = typer.Option("stm32f746", help="device to check the fit against"),
+) -> None:
+    """Load digits-cnn, profile and evaluate it, save a signed artifact, verify it, report."""
+    from compactml.demo import run_demo
+
+    report = run_demo(out, target=target, out=OUT)
+    OUT.emit(report)
+
+
+def _split_global_flags(argv: list[str]) -> tuple[list[str], Output]:
+    flags = {flag for flag in GLOBAL_FLAGS if flag in argv}
+    rest = [arg for arg in argv if arg not in GLOBAL_FLAGS]
+    console = Console(stderr="--json" in flags, highlight=False)
+    return rest, Output("--json" in flags, "--quiet" in flags, "--debug" in flags, console)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``compactml`` console script; returns the exit code."""
+    global OUT
+    args, OUT = _split_global_flags(list(sys.argv[1:] if argv is None else argv))
+    try:
+        app(args=args, prog_name="compactml", standalone_mode=False)
+    except CompactMLError as exc:
+        if OUT.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except OSError as exc:
+        if OUT.debug:
+            raise
+        print(
+            f"error: {exc.strerror or exc} ({exc.filename or 'file'}); check the path "
+            "and its permissions",
+            file=sys.stderr,
+        )
+        return 2
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Charts for the report: stored bytes per layer, and top-1 accuracy versus input noise.
+
+Drawn with matplotlib's object API (``Figure`` on an Agg canvas), never pyplot, and imported
+only when a chart is drawn: nothing here touches matplotlib's global state or the backend a
+user's program has chosen. Each chart comes back as PNG bytes, which the writer saves beside
+the Markdown report and the HTML report embeds.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+PER_LAYER_CHART = "per_layer_size.png"
+NOISE_CHART = "accuracy_vs_noise.png"
+TOP_LAYERS = 25  # the per-layer chart shows at most this many layers, the largest
+_LABEL_CHARS = 48  # longer layer labels are shortened in the middle
+
+
+def as_number(value: Any) -> float | None:
+    """``value`` as a float when it is a number (bools and strings are not), else None."""
+    if value is None or isinstance(value, (bool, str)):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def layer_list(profile: Mapping[str, Any] | None) -> list[Mapping[str, Any]]:
+    """The profile's per-layer entries (dicts only); empty when there are none."""
+    layers = (profile or {}).get("layers") or []
+    return [layer for layer in layers if isinstance(layer, Mapping)]
+
+
+def noise_points(metrics: Mapping[str, Any] | None) -> list[Mapping[str, Any]]:
+    """The metrics' accuracy-under-noise points (dicts with sigma and top1); empty when absent."""
+    points = (metrics or {}).get("noise") or []
+    return [point for point in points if isinstance(point, Mapping)]
+
+
+def _figure(width: float, height: float) -> Any:
+    """A matplotlib Figure (inches) on its own Agg canvas, without pyplot or global state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _png(figure: Any) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def _plain(text: Any) -> str:
+    """``text`` shown literally: a ``$`` would otherwise start matplotlib's math mode."""
+    text = str(text)
+    if len(text) > _LABEL_CHARS:
+        half = (_LABEL_CHARS - 1) // 2
+        text = text[:half] + "…" + text[-half:]
+    return text.replace("$", r"\$")
+
+
+def _byte_unit(largest: float) -> tuple[float, str]:
+    """The divisor and unit that show ``largest`` bytes as a number below 1024."""
+    for power, unit in ((3, "GiB"), (2, "MiB"), (1, "KiB")):
+        if largest >= 1024**power:
+            return float(1024**power), unit
+    return 1.0, "bytes"
+
+
+def per_layer_size_png(layers: Sequence[Mapping[str, Any]], top: int = TOP_LAYERS) -> bytes:
+    """Horizontal bars of stored bytes per layer, largest first, at most ``top`` layers (PNG)."""
+    entries = sorted(
+        ((as_number(layer.get("stored_bytes")) or 0.0, layer) for layer in layers),
+        key=lambda entry: entry[0],
+        reverse=True,
+    )[:top]
+    divisor, unit = _byte_unit(max((size for size, _ in entries), default=0.0))
+    labels = [
+        _plain(f"{layer.get('name', '?')} ({layer.get('type', '?')})") for _, layer in entries
+    ]
+    figure = _figure(8.0, 1.4 + 0.28 * len(entries))
+    axes = figure.add_subplot()
+    axes.barh(range(len(entries)), [size / divisor for size, _ in entries], color="#4c72b0")
+    axes.set_yticks(range(len(entries)), labels=labels, fontsize=8)
+    axes.invert_yaxis()
+    axes.set_xlabel(f"stored size ({unit})")
+    shown = f" (largest {top} of {len(layers)})" if len(layers) > top else ""
+    axes.set_title(f"Stored size per layer{shown}")
+    axes.grid(axis="x", alpha=0.3)
+    return _png(figure)
+
+
+def _curve(points: Sequence[Mapping[str, Any]]) -> tuple[list[float], list[float]]:
+    """Sigma and top-1 (in percent) of the points that have both, sorted by sigma."""
+    pairs = sorted(
+        (as_number(point.get("sigma")), as_number(point.get("top1")))
+        for point in points
+        if as_number(point.get("sigma")) is not None and as_number(point.get("top1")) is not None
+    )
+    return [sigma for sigma, _ in pairs], [top1 * 100 for _, top1 in pairs]
+
+
+def accuracy_vs_noise_png(
+    points: Sequence[Mapping[str, Any]], reference: Sequence[Mapping[str, Any]] = ()
+) -> bytes:
+    """Top-1 accuracy (%) against input noise sigma, with the original model's line if given."""
+    figure = _figure(6.0, 4.0)
+    axes = figure.add_subplot()
+    sigmas, accuracy = _curve(points)
+    axes.plot(sigmas, accuracy, "o-", color="#4c72b0", label="compressed")
+    if reference:
+        ref_sigmas, ref_accuracy = _curve(reference)
+        axes.plot(ref_sigmas, ref_accuracy, "s--", color="#dd8452", label="original")
+        axes.legend()
+    axes.set_xlabel("noise sigma (standard deviation added to the input)")
+    axes.set_ylabel("top-1 accuracy (%)")
+    axes.set_title("Accuracy under input noise")
+    axes.grid(alpha=0.3)
+    return _png(figure)
+
+
+def render_charts(report: Mapping[str, Any]) -> dict[str, bytes]:
+    """Every chart the report has data for, as {file name: PNG bytes}; empty when none."""
+    charts = {}
+    layers = layer_list(report.get("profile"))
+    if layers:
+        charts[PER_LAYER_CHART] = per_layer_size_png(layers)
+    points = noise_points(report.get("metrics"))
+    if points:
+        reference = noise_points(report.get("reference_metrics"))
+        charts[NOISE_CHART] = accuracy_vs_noise_png(points, reference)
+    return charts

@@ -1,0 +1,24 @@
+"""Fixtures for the profile tests: a tiny model whose MACs can be counted by hand."""
+
+import pytest
+import torch
+from torch import nn
+
+
+class ConvLinear(nn.Module):
+    """Conv2d(3->8, 3x3, padding 1) on 16x16, then Linear(8*16*16 -> 10)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 16 * 16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+@pytest.fixture
+def conv_linear() -> nn.Module:
+    """A fresh ConvLinear in eval mode."""
+    torch.manual_seed(0)
+    return ConvLinear().eval()
