@@ -1,8 +1,36 @@
-"""compactml: make trained PyTorch models smaller, faster and cheaper to run, and prove it."""
+"""compactml: make trained PyTorch models smaller, faster and cheaper to run, and prove it.
 
+This module only re-exports the public API; see docs/architecture.md for where things live.
+"""
+
+from compactml import examples
 from compactml.errors import ArtifactError, CompactMLError, SignatureError
+from compactml.evaluate import Metrics, evaluate
+from compactml.export.artifact import load, read_manifest, save, sign_artifact, verify_artifact
+from compactml.export.signing import generate_keypair, write_keypair
+from compactml.profile import Profile, profile
+from compactml.profile.targets import load_targets
 from compactml.task import Task
 
 __version__ = "0.1.0"
 
-__all__ = ["ArtifactError", "CompactMLError", "SignatureError", "Task", "__version__"]
+__all__ = [
+    "ArtifactError",
+    "CompactMLError",
+    "Metrics",
+    "Profile",
+    "SignatureError",
+    "Task",
+    "__version__",
+    "evaluate",
+    "examples",
+    "generate_keypair",
+    "load",
+    "load_targets",
+    "profile",
+    "read_manifest",
+    "save",
+    "sign_artifact",
+    "verify_artifact",
+    "write_keypair",
+]

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
 import typer
 from rich.console import Console
 
@@ -158,7 +157,7 @@ def targets() -> None:
     from compactml.profile.targets import load_targets
     from compactml.report.console import targets_table
 
-    rows = [t.to_dict() for t in load_targets().values()]
+    rows = [asdict(t) for t in load_targets().values()]
     OUT.emit(rows)
     OUT.print(targets_table(rows))
 
@@ -243,17 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     global OUT
     args, OUT = _split_global_flags(list(sys.argv[1:] if argv is None else argv))
     try:
-        app(args=args, prog_name="compactml", standalone_mode=False)
+        # Standalone mode: typer prints usage errors itself and exits with 2 via SystemExit.
+        app(args=args, prog_name="compactml", standalone_mode=True)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except CompactMLError as exc:
         if OUT.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
     except OSError as exc:
         if OUT.debug:
             raise
@@ -263,9 +260,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    except click.exceptions.Abort:
-        print("aborted", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

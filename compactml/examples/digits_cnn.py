@@ -114,7 +114,7 @@ def new_model() -> DigitsCNN:
 
 
 def train(data: DigitsData, epochs: int = EPOCHS, progress: bool = True) -> DigitsCNN:
-    """Train a fresh :class:`DigitsCNN` with the fixed recipe (seeded Adam, cosine schedule).
+    """Train a fresh :class:`DigitsCNN` with the fixed recipe (seeded Adam, one-cycle schedule).
 
     The global torch random state is saved and restored, so calling this has no side effects.
     """

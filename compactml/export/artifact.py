@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +27,9 @@ import torch
 from torch import nn
 
 from compactml.checks import check_finite
-from compactml.errors import ArtifactError, CompactMLError, SignatureError
+from compactml.errors import ArtifactError, CompactMLError
 from compactml.export.modules import apply_transforms, find_module, plan_transforms
-from compactml.export.signing import (
-    KeyLike,
-    key_id,
-    load_private_key,
-    load_public_key,
-    sign_bytes,
-    verify_bytes,
-)
+from compactml.export.signing import KeyLike, check_signature, key_id, load_private_key, sign_bytes
 from compactml.io import atomic_write_bytes, refuse_overwrite
 from compactml.source import build_base, get_path, get_source, set_source
 
@@ -103,8 +95,8 @@ def _tool_version() -> str:
 
 
 def _json_value(value: Any) -> Any:
-    if hasattr(value, "item") and callable(value.item):
-        return value.item()  # numpy and torch scalars in metrics
+    if callable(getattr(value, "tolist", None)):
+        return value.tolist()  # numpy and torch scalars or arrays in metrics
     raise TypeError(f"{type(value).__name__} is not a JSON value")
 
 
@@ -131,8 +123,14 @@ def _plan(model: nn.Module, source: dict | None) -> list[dict[str, Any]]:
     if source is None:
         return []
     try:
-        return plan_transforms(model, build_base(source))
-    except (ValueError, KeyError, TypeError) as exc:
+        base = build_base(source)
+    except CompactMLError as exc:
+        raise CompactMLError(
+            f"cannot save: the model's base architecture cannot be built from its source ({exc})"
+        ) from exc
+    try:
+        return plan_transforms(model, base)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CompactMLError(
             f"cannot save: the model's structure cannot be recorded ({exc}); use modules "
             "listed in MODULE_TYPES (compactml/export/modules.py)"
@@ -267,27 +265,6 @@ def _header_metadata(data: bytes, name: str) -> dict[str, str]:
     return metadata
 
 
-def _check_signature(metadata: dict[str, str], name: str, verify_key: KeyLike) -> None:
-    """Raise SignatureError unless the manifest is signed by ``verify_key``."""
-    public = load_public_key(verify_key)
-    expected = key_id(public)
-    if SIGNATURE_KEY not in metadata:
-        raise SignatureError(
-            f"{name} is not signed; sign it with sign_artifact or load it without a verify key"
-        )
-    signature, signer = metadata[SIGNATURE_KEY], metadata[KEY_ID_KEY]
-    valid = (
-        re.fullmatch("[0-9a-f]{128}", signature) is not None
-        and signer == expected
-        and verify_bytes(metadata[MANIFEST_KEY].encode("utf-8"), bytes.fromhex(signature), public)
-    )
-    if not valid:
-        raise SignatureError(
-            f"{name} is not signed by key {expected} (it names key {signer[:16]!r}) or was "
-            "changed after signing; check the public key or re-download the file"
-        )
-
-
 def _parse_manifest(text: str, name: str) -> dict[str, Any]:
     """The manifest as a dict, with the type of every field checked."""
     try:
@@ -326,7 +303,13 @@ def _decode(
     if hashlib.sha256(text.encode("utf-8")).hexdigest() != metadata[DIGEST_KEY]:
         raise _damaged(name, "the manifest does not match its SHA-256")
     if verify_key is not None:
-        _check_signature(metadata, name, verify_key)
+        check_signature(
+            text.encode("utf-8"),
+            metadata.get(SIGNATURE_KEY),
+            metadata.get(KEY_ID_KEY),
+            verify_key,
+            name,
+        )
     manifest = _parse_manifest(text, name)
     try:
         tensors = safetensors.torch.load(data)
@@ -374,7 +357,14 @@ def _fill(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dict, nam
             f"the weights in {name} do not fit the architecture they are loaded into "
             f"({'; '.join(problems[:3])}); pass model= with the architecture it was saved from"
         )
-    model.load_state_dict(state, strict=True, assign=True)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1].strip()
+        raise CompactMLError(
+            f"the weights in {name} do not fit the architecture they are loaded into "
+            f"({reason}); pass model= with the architecture it was saved from"
+        ) from exc
     _retie(model, aliases)
 
 

@@ -10,7 +10,12 @@ base into the saved model:
 - ``{"op": "delete", "module": "head.drop", "none": false}`` removes a child (or sets it None);
 - ``{"op": "set", "module": "encoder.attn", "attr": "num_heads", "value": 6, "tuple": false}``
   sets a plain attribute (an int, float, bool, str, None, or a tuple/list of those), such as the
-  head count of an attention block whose heads were pruned.
+  head count of an attention block whose heads were pruned;
+- ``{"op": "add_tensor", "module": "fc", "name": "mask", "kind": "buffer", "shape": [4, 8],
+  "dtype": "bool", "requires_grad": false}`` registers a parameter or persistent buffer the
+  base lacks (or whose shape changed); its value comes from the stored tensors;
+- ``{"op": "remove_tensor", "module": "fc", "name": "bias", "none": true}`` removes one (or
+  sets it None, as a layer built with ``bias=False`` holds it).
 
 ``MODULE_TYPES`` is the one literal table of module types that can be described as JSON and
 rebuilt. Torch layers read their constructor arguments from their attributes; compactml layers
@@ -28,6 +33,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from compactml.errors import CompactMLError
@@ -268,10 +274,44 @@ def _delete(root: nn.Module, name: str, to_none: bool) -> nn.Module:
     return root
 
 
-def _set(root: nn.Module, name: str, attr: str, value: Any, as_tuple: bool) -> nn.Module:
+def _existing(root: nn.Module, name: str) -> nn.Module:
     module = find_module(root, name)
     if module is None:
         raise ValueError(f"module {name!r} does not exist")
+    return module
+
+
+def _add_tensor(root: nn.Module, name: str, op: dict[str, Any]) -> nn.Module:
+    module, leaf, kind = _existing(root, name), op["name"], op["kind"]
+    dtype = getattr(torch, op["dtype"], None)
+    if not isinstance(dtype, torch.dtype) or not isinstance(leaf, str) or "." in leaf:
+        raise ValueError(f"invalid tensor {leaf!r} of {name!r}")
+    # A placeholder of the right shape: the stored values replace it when the weights load.
+    tensor = torch.empty([int(n) for n in op["shape"]], dtype=dtype)
+    module._parameters.pop(leaf, None)
+    module._buffers.pop(leaf, None)
+    if kind == "parameter":
+        module.register_parameter(leaf, nn.Parameter(tensor, bool(op["requires_grad"])))
+    elif kind == "buffer":
+        module.register_buffer(leaf, tensor, persistent=True)
+    else:
+        raise ValueError(f"unknown tensor kind {kind!r}")
+    return root
+
+
+def _remove_tensor(root: nn.Module, name: str, leaf: str, to_none: bool) -> nn.Module:
+    module = _existing(root, name)
+    for table in (module._parameters, module._buffers):
+        if leaf in table:
+            if to_none:
+                table[leaf] = None
+            else:
+                del table[leaf]
+    return root
+
+
+def _set(root: nn.Module, name: str, attr: str, value: Any, as_tuple: bool) -> nn.Module:
+    module = _existing(root, name)
     owned = (module._parameters, module._buffers, module._modules)
     if attr.startswith("_") or attr == "training" or any(attr in d for d in owned):
         raise ValueError(f"attribute {attr!r} of {name!r} cannot be set by a transform")
@@ -295,6 +335,10 @@ def apply_transform(root: nn.Module, op: dict[str, Any]) -> nn.Module:
         return _delete(root, name, bool(op.get("none", False)))
     if kind == "set":
         return _set(root, name, op["attr"], op["value"], bool(op.get("tuple", False)))
+    if kind == "add_tensor":
+        return _add_tensor(root, name, op)
+    if kind == "remove_tensor":
+        return _remove_tensor(root, name, op["name"], bool(op.get("none", False)))
     raise ValueError(f"unknown transform {kind!r}")
 
 
@@ -313,6 +357,34 @@ def _child_changes(name: str, module: nn.Module, current: nn.Module) -> list[dic
         if sub is not None and (missing or module._modules[child] is None):
             full = f"{name}.{child}" if name else child
             ops.append({"op": "delete", "module": full, "none": not missing})
+    return ops
+
+
+def _saved_tensors(module: nn.Module) -> dict[str, tuple[str, torch.Tensor | None]]:
+    """Parameters and persistent buffers of ``module`` itself: ``{name: (kind, tensor)}``."""
+    out = {k: ("parameter", t) for k, t in module._parameters.items()}
+    for leaf, tensor in module._buffers.items():
+        if leaf not in module._non_persistent_buffers_set:
+            out[leaf] = ("buffer", tensor)
+    return out
+
+
+def _tensor_changes(name: str, module: nn.Module, current: nn.Module) -> list[dict[str, Any]]:
+    """Add/remove transforms for the tensors ``module`` and ``current`` hold differently."""
+    want, have = _saved_tensors(module), _saved_tensors(current)
+    ops = []
+    for leaf, (kind, tensor) in want.items():
+        old_kind, old = have.get(leaf, (None, None))
+        if tensor is None and old is not None:
+            ops.append({"op": "remove_tensor", "module": name, "name": leaf, "none": True})
+        elif tensor is not None and (old is None or old_kind != kind or old.shape != tensor.shape):
+            ops.append(
+                {"op": "add_tensor", "module": name, "name": leaf, "kind": kind}
+                | {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+                | {"requires_grad": bool(tensor.requires_grad)}
+            )
+    for leaf in sorted(set(have) - set(want)):
+        ops.append({"op": "remove_tensor", "module": name, "name": leaf, "none": False})
     return ops
 
 
@@ -373,7 +445,8 @@ def plan_transforms(model: nn.Module, base: nn.Module) -> list[dict[str, Any]]:
             rebuilt = apply_transform(rebuilt, op)
             transforms.append(op)
             current = find_module(rebuilt, name)
-        for op in _child_changes(name, module, current) + _attribute_changes(name, module, current):
+        changes = _child_changes(name, module, current) + _tensor_changes(name, module, current)
+        for op in changes + _attribute_changes(name, module, current):
             rebuilt = apply_transform(rebuilt, op)
             transforms.append(op)
     _check_rebuilt(model, rebuilt)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from compactml.errors import CompactMLError
+from compactml.errors import CompactMLError, SignatureError
 from compactml.io import atomic_write_bytes
 
 KeyLike = Ed25519PrivateKey | Ed25519PublicKey | bytes | str | os.PathLike
@@ -170,3 +171,28 @@ def verify_bytes(data: bytes, signature: bytes, key: KeyLike) -> bool:
     except InvalidSignature:
         return False
     return True
+
+
+def check_signature(
+    data: bytes, signature: str | None, signer: str | None, key: KeyLike, name: str
+) -> None:
+    """Raise SignatureError unless hex ``signature`` signs ``data`` with the public ``key``.
+
+    ``signer`` is the key id recorded beside the signature; ``name`` names the file in messages.
+    """
+    public = load_public_key(key)
+    expected = key_id(public)
+    if signature is None:
+        raise SignatureError(
+            f"{name} is not signed; sign it with sign_artifact or load it without a verify key"
+        )
+    valid = (
+        re.fullmatch("[0-9a-f]{128}", signature) is not None
+        and signer == expected
+        and verify_bytes(data, bytes.fromhex(signature), public)
+    )
+    if not valid:
+        raise SignatureError(
+            f"{name} is not signed by key {expected} (it names key {str(signer)[:16]!r}) or was "
+            "changed after signing; check the public key or re-download the file"
+        )

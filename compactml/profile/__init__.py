@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_leaves
 from compactml.checks import check_finite, run_checked
 from compactml.errors import CompactMLError
 from compactml.profile.energy import Energy, estimate_energy, mac_kind
-from compactml.profile.flops import ForwardTrace, exclusive_macs, trace_forward
+from compactml.profile.flops import ForwardTrace, trace_forward
 from compactml.profile.latency import Latency, evaluating, measure_latency
 from compactml.profile.memory import ActivationMemory, peak_activation
 from compactml.profile.size import (
@@ -194,7 +194,7 @@ def profile(
         memory = peak_activation(model, example_input)
     timing = measure_latency(model, example_input, repeats, warmup, threads) if latency else None
     storage = layer_storage(model)
-    layers = _layers(model, storage, exclusive_macs(model, trace.inclusive_macs), trace)
+    layers = _layers(model, storage, trace.module_macs, trace)
     params, nonzero = count_params(model)
     size = stored_bytes(model)
     traffic, ram_activations, note = _traffic_and_ram(memory, trace, layers, example_input)

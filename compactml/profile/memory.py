@@ -24,8 +24,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
-from torch.utils._pytree import tree_leaves
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 VIEW_NAMES = frozenset(
     "view view_as reshape flatten unflatten squeeze unsqueeze transpose permute t expand "
@@ -84,16 +83,19 @@ def peak_live_bytes(steps: list[Step]) -> int:
 
 
 def _value_bytes(value: Any) -> int:
-    total = 0
-    for leaf in tree_leaves(value):
-        if isinstance(leaf, torch.Tensor):
-            total += int(leaf.numel()) * leaf.element_size()
-        elif hasattr(leaf, "shape") and hasattr(leaf, "dtype"):  # fx TensorMetadata
-            numel = 1
-            for size in leaf.shape:
-                numel *= int(size)
-            total += numel * leaf.dtype.itemsize
-    return total
+    """Bytes of the tensors in a node's value: FakeTensors (export) or TensorMetadata (fx)."""
+    if isinstance(value, torch.Tensor):
+        return int(value.numel()) * value.element_size()
+    if isinstance(value, TensorMetadata):
+        numel = 1
+        for size in value.shape:
+            numel *= int(size)
+        return numel * value.dtype.itemsize
+    if isinstance(value, (tuple, list)):
+        return sum(_value_bytes(item) for item in value)
+    if isinstance(value, dict):
+        return sum(_value_bytes(item) for item in value.values())
+    return 0
 
 
 def _aliased_arg(node: fx.Node) -> fx.Node | None:

@@ -101,13 +101,14 @@ def test_task_batches_cover_a_fixed_stratified_split(digits):
     assert sizes == {"calib": 200, "train": 1237, "eval": 360}
     first = [b[0] for b in task.batches("train")]
     second = [b[0] for b in task.batches("train")]
-    assert all(torch.equal(a, b) for a, b in zip(first, second))  # re-iterable and fixed
+    # Re-iterable, and the same order every time.
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
 def test_task_alone_equals_the_loaded_task(digits):
     _, task = digits
     alone = examples.load_task("digits-cnn")
-    for (xa, ya), (xb, yb) in zip(alone.batches("eval"), task.batches("eval")):
+    for (xa, ya), (xb, yb) in zip(alone.batches("eval"), task.batches("eval"), strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 

@@ -22,9 +22,12 @@ NET_SOURCE = textwrap.dedent(
             super().__init__()
             self.heads = heads
             self.proj = nn.Linear(width, width)
+            self.offset = nn.Parameter(torch.zeros(width))
 
         def forward(self, x):
             b, w = x.shape
+            if self.offset is not None:
+                x = x + self.offset
             parts = self.proj(x).view(b, self.heads, w // self.heads)
             return parts.softmax(-1).reshape(b, w)
 
@@ -63,7 +66,7 @@ def perturb(model: nn.Module, seed: int = 1) -> nn.Module:
     with torch.no_grad():
         for param in model.parameters():
             param.add_(torch.randn(param.shape, generator=gen))
-        for name, buf in model.named_buffers():
+        for buf in model.buffers():
             if buf.is_floating_point():
                 buf.add_(torch.rand(buf.shape, generator=gen))
     return model.eval()

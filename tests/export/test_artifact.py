@@ -144,6 +144,18 @@ def test_dtypes_are_kept(net, image, tmp_path):
         assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
+def test_added_and_removed_tensors_round_trip(net, image, tmp_path):
+    net.mixer.register_buffer("mask", torch.tensor([True, False] * 4))
+    net.mixer.offset = None
+    path = save(net, tmp_path / "tensors.cml")
+    ops = {(t["op"], t["module"]) for t in read_manifest(path)["transforms"]}
+    assert ops == {("add_tensor", "mixer"), ("remove_tensor", "mixer")}
+    loaded = load(path)
+    assert torch.equal(loaded.mixer.mask, net.mixer.mask) and loaded.mixer.mask.dtype == torch.bool
+    assert loaded.mixer.offset is None and "mixer.offset" not in loaded.state_dict()
+    assert torch.equal(loaded(image), net(image))
+
+
 def test_unsupported_changed_module_is_refused(net, tmp_path):
     class Scaled(nn.Module):
         def __init__(self):

@@ -3,6 +3,7 @@
 import torch
 from torch import nn
 
+from compactml.profile import memory as memory_module
 from compactml.profile.memory import Step, peak_activation, peak_live_bytes
 
 F32 = 4
@@ -112,3 +113,19 @@ def test_untraceable_model_gives_none_with_a_reason():
     memory = peak_activation(DataDependent().eval(), torch.randn(2, 4))
     assert memory.peak_bytes is None
     assert "torch.export" in memory.note and "torch.fx" in memory.note
+
+
+def test_fx_fallback_gives_the_same_hand_counts(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("export unavailable")
+
+    monkeypatch.setattr(memory_module, "_export_steps", refuse)
+    x = torch.randn(1, 4, 8, 8)
+    tensor = 4 * 64 * F32
+    memory = peak_activation(Residual(skip=True).eval(), x)
+    assert memory.method == "torch.fx"
+    assert "torch.export failed (RuntimeError: export unavailable)" in memory.note
+    assert memory.peak_bytes == 3 * tensor
+    assert peak_activation(ViewSkip().eval(), x).peak_bytes == 3 * tensor
+    relu = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(inplace=True)).eval()
+    assert peak_activation(relu, x).peak_bytes == 2 * tensor

@@ -181,3 +181,20 @@ def test_tied_weights_count_once():
     assert result.params == 40
     assert sum(layer.stored_bytes for layer in result.layers) == 40 * 4
     assert result.macs == 3 * 4 * 10
+
+
+def test_int8_weights_use_the_int8_mac_energy():
+    class Int8Linear(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("weight", torch.randint(-127, 127, (4, 8), dtype=torch.int8))
+            self.register_buffer("scale", torch.tensor(0.01))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ (self.weight.float() * self.scale).T
+
+    result = profile(Int8Linear(), torch.randn(2, 8), latency=False)
+    assert result.macs == 2 * 4 * 8
+    assert result.layers[0].stored_bytes == 4 * 8 * 1 + 4  # int8 weight + float32 scale
+    assert result.energy.compute_uj == pytest.approx(64 * (0.2 + 0.03) * 1e-6)
+    assert "int8 MAC" in result.energy.table

@@ -1,0 +1,203 @@
+"""The compactml command: results, JSON output, and exit code 2 with one line for bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from compactml import examples
+from compactml.cli import main
+from compactml.export.artifact import save
+
+FACTORY = '''
+import torch
+from torch import nn
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.ReLU(), nn.Linear(4, 2))
+
+def broken():
+    model = build()
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    return model
+'''
+
+
+@pytest.fixture(scope="module")
+def digits_artifact(tmp_path_factory):
+    model, _ = examples.load("digits-cnn")
+    return save(model, tmp_path_factory.mktemp("cml") / "digits.cml")
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("keys")
+    assert main(["keygen", "-o", str(folder / "me"), "--quiet"]) == 0
+    assert main(["keygen", "-o", str(folder / "other"), "--quiet"]) == 0
+    return folder / "me", folder / "me.pub", folder / "other.pub"
+
+
+@pytest.fixture()
+def factory(tmp_path):
+    path = tmp_path / "my_model.py"
+    path.write_text(FACTORY)
+    return path
+
+
+def run_json(capsys, *args):
+    code = main([*args, "--json"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    return json.loads(out)
+
+
+def expect_error(capsys, args, pattern):
+    code = main(list(args))
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert pattern in err, err
+    return err
+
+
+def test_profile_json_on_a_builtin_with_target(capsys):
+    data = run_json(capsys, "profile", "digits-cnn", "--target", "stm32f746", "--repeats", "3")
+    assert data["params"] > 10_000 and data["macs"] > 0
+    assert data["target"]["name"] == "stm32f746" and data["target"]["fits"] is True
+    assert data["target"]["flash_margin_bytes"] == 1024 * 1024 - data["stored_bytes"]
+
+
+def test_profile_of_a_factory_needs_and_takes_an_input_shape(capsys, factory):
+    expect_error(capsys, ["profile", f"{factory}:build"], "--input-shape")
+    data = run_json(capsys, "profile", f"{factory}:build", "--input-shape", "1,3,4", "--repeats", "2")
+    assert data["macs"] == 12 * 4 + 4 * 2
+
+
+def test_eval_writes_a_report(capsys, tmp_path):
+    data = run_json(capsys, "eval", "digits-cnn", "-o", str(tmp_path / "rep"))
+    assert data["metrics"]["top1"] >= 0.97
+    saved = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert saved["metrics"]["top1"] == data["metrics"]["top1"]
+    assert (tmp_path / "rep" / "report.html").is_file()
+
+
+def test_eval_of_an_artifact_finds_its_builtin_task(capsys, digits_artifact):
+    data = run_json(capsys, "eval", str(digits_artifact), "--reference", "digits-cnn")
+    assert data["metrics"]["agreement"] == 1.0
+    assert data["metrics"]["top1"] == data["reference_metrics"]["top1"]
+
+
+def test_targets_lists_the_device_table(capsys):
+    names = {row["name"] for row in run_json(capsys, "targets")}
+    assert {"stm32f746", "stm32h743", "arduino-nano-33-ble", "esp32-s3"} <= names
+
+
+def test_sign_and_verify_round_trip(capsys, digits_artifact, keys, tmp_path):
+    private, public, _ = keys
+    signed = tmp_path / "signed.cml"
+    assert main(["sign", str(digits_artifact), "--key", str(private), "-o", str(signed)]) == 0
+    assert "signed copy written" in capsys.readouterr().out
+    data = run_json(capsys, "verify", str(signed), "--key", str(public))
+    assert data["verified"] is True
+
+
+def test_human_output_is_a_table(capsys):
+    assert main(["profile", "digits-cnn", "--repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "Stored size" in out and "MACs" in out
+
+
+# ---- bad input: one line, exit code 2, nothing lost ----------------------------------------
+
+
+def test_missing_model_file(capsys, tmp_path):
+    expect_error(capsys, ["profile", str(tmp_path / "nope.cml")], "does not exist")
+
+
+def test_unreadable_model_file(capsys, tmp_path):
+    (tmp_path / "dir.cml").mkdir()
+    expect_error(capsys, ["profile", str(tmp_path / "dir.cml")], "dir.cml")
+    junk = tmp_path / "junk.cml"
+    junk.write_bytes(b"not an artifact at all")
+    expect_error(capsys, ["profile", str(junk)], "junk.cml")
+
+
+def test_truncated_artifact(capsys, digits_artifact, tmp_path):
+    cut = tmp_path / "cut.cml"
+    cut.write_bytes(digits_artifact.read_bytes()[:-100])
+    expect_error(capsys, ["profile", str(cut)], "cut.cml")
+
+
+def test_flipped_bit_artifact(capsys, digits_artifact, tmp_path):
+    data = bytearray(digits_artifact.read_bytes())
+    data[len(data) // 2] ^= 0x10  # a bit inside the tensor data
+    flipped = tmp_path / "flipped.cml"
+    flipped.write_bytes(bytes(data))
+    expect_error(capsys, ["eval", str(flipped)], "damaged")
+
+
+def test_wrong_or_missing_signature(capsys, digits_artifact, keys, tmp_path):
+    private, _, other_public = keys
+    signed = tmp_path / "signed.cml"
+    assert main(["sign", str(digits_artifact), "--key", str(private), "-o", str(signed)]) == 0
+    expect_error(capsys, ["verify", str(signed), "--key", str(other_public)], "not signed by key")
+    expect_error(capsys, ["verify", str(digits_artifact), "--key", str(other_public)], "not signed")
+
+
+def test_example_input_of_the_wrong_shape(capsys):
+    expect_error(capsys, ["profile", "digits-cnn", "--input-shape", "1,3,5"], "cannot run")
+
+
+def test_nan_weights(capsys, factory):
+    expect_error(capsys, ["profile", f"{factory}:broken", "--input-shape", "1,12"], "NaN")
+
+
+def test_unknown_device(capsys):
+    expect_error(capsys, ["profile", "digits-cnn", "--target", "stm32f999"], "stm32f999")
+
+
+def test_output_path_equal_to_input_keeps_the_input(capsys, digits_artifact, keys):
+    before = digits_artifact.read_bytes()
+    args = ["sign", str(digits_artifact), "--key", str(keys[0]), "-o", str(digits_artifact)]
+    expect_error(capsys, args, "input file")
+    assert digits_artifact.read_bytes() == before
+
+
+def test_debug_shows_the_traceback():
+    from compactml.errors import CompactMLError
+
+    with pytest.raises(CompactMLError):
+        main(["profile", "digits-cnn", "--target", "nowhere", "--debug"])
+
+
+def test_console_script_exit_code(tmp_path):
+    script = Path(sys.executable).with_name("compactml")
+    result = subprocess.run(
+        [str(script), "profile", str(tmp_path / "missing.cml")], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+def test_demo_end_to_end(capsys, tmp_path):
+    report = run_json(capsys, "demo", "-o", str(tmp_path / "demo"))
+    folder = tmp_path / "demo"
+    for name in ("report.json", "report.md", "report.html", "digits-cnn.cml"):
+        assert (folder / name).is_file(), name
+    assert report["metrics"]["top1"] >= 0.97
+    assert report["artifact"]["signed"] and report["artifact"]["verified"]
+    assert report["artifact"]["bytes"] == (folder / "digits-cnn.cml").stat().st_size
+    assert report["profile"]["target"]["name"] == "stm32f746"
+    html = (folder / "report.html").read_text()
+    assert "data:image/png;base64," in html
+    # a second run reuses the keys and still verifies
+    assert main(["demo", "-o", str(folder), "--quiet"]) == 0
+    assert torch.equal(
+        torch.tensor(report["metrics"]["top1"]),
+        torch.tensor(json.loads((folder / "report.json").read_text())["metrics"]["top1"]),
+    )
