@@ -79,10 +79,7 @@ def _example_input(task, input_shape: str | None):
 def _resolve(model: str):
     from compactml.source import resolve
 
-    if OUT.human:
-        with OUT.console.status(f"loading {model}"):
-            return resolve(model)
-    return resolve(model)
+    return resolve(model, progress=OUT.human)
 
 
 def _save_report(report: dict, folder: Path | None) -> None:

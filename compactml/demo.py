@@ -55,8 +55,7 @@ def run_demo(folder: str | Path, target: str = "stm32f746", out: Any = None) -> 
     def step(message: str):
         return out.console.status(message) if out.human else contextlib.nullcontext()
 
-    with step("loading digits-cnn (trains once, about 20 s, then cached)"):
-        model, task = examples.load("digits-cnn")
+    model, task = examples.load("digits-cnn", progress=out.human)  # trains once, then cached
     with step(f"profiling against {target}"):
         prof = profile(model, task.example_input(), target=target).to_dict()
     metrics = dict(evaluate(model, task, progress=out.human))

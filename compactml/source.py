@@ -129,16 +129,16 @@ def build_base(source: dict | None) -> nn.Module:
     )
 
 
-def resolve(ref: str) -> tuple[nn.Module, Task | None]:
+def resolve(ref: str, progress: bool = True) -> tuple[nn.Module, Task | None]:
     """Turn a MODEL reference into ``(model, task or None)``.
 
     ``ref`` is a built-in name (``digits-cnn``), a ``.cml`` file, a Hugging Face model folder,
-    or ``path/to/file.py:factory``.
+    or ``path/to/file.py:factory``. ``progress=False`` silences loading and training bars.
     """
     from compactml import examples
 
     if ref in examples.BUILTINS:
-        return examples.load(ref)
+        return examples.load(ref, progress=progress)
     if ".py:" in ref:
         return load_factory(ref)
     path = Path(ref)
@@ -154,7 +154,7 @@ def resolve(ref: str) -> tuple[nn.Module, Task | None]:
     if path.is_dir() and (path / "config.json").is_file():
         from compactml.examples import hf
 
-        return hf.load_folder(path)
+        return hf.load_folder(path, progress=progress)
     if path.exists():
         raise CompactMLError(
             f"cannot read {ref} as a model; give a built-in name, a .cml file, a Hugging Face "

@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from rich.progress import track
 from torch import nn
 
 from compactml.checks import check_finite, run_checked
@@ -24,6 +23,7 @@ from compactml.errors import CompactMLError
 from compactml.evaluate.classification import DEFAULT_NOISE_LEVELS, evaluate_classification
 from compactml.evaluate.embeddings import evaluate_embedding
 from compactml.evaluate.language import evaluate_language_model
+from compactml.progress import progress_bar
 from compactml.task import Batch, Task
 
 #: The headline metric of each kind of model, and whether higher or lower is better.
@@ -142,8 +142,8 @@ def _batch_source(task: Task, limit: int | None, progress: bool) -> Callable[[st
 
     def batches(description: str) -> Iterator[Batch]:
         count = 0
-        for batch in track(
-            task.batches("eval", limit), description, total=total, disable=not progress
+        for batch in progress_bar(
+            task.batches("eval", limit), description, total=total, enabled=progress
         ):
             count += 1
             yield batch

@@ -29,9 +29,12 @@ def _module(name: str) -> ModuleType:
     return BUILTINS[name]
 
 
-def load(name: str) -> tuple[nn.Module, Task]:
-    """The built-in model ``name`` (trained, eval mode) and its Task."""
-    return _module(name).load()
+def load(name: str, progress: bool = True) -> tuple[nn.Module, Task]:
+    """The built-in model ``name`` (trained, eval mode) and its Task.
+
+    ``progress=False`` silences the progress bars of first-time training or loading.
+    """
+    return _module(name).load(progress=progress)
 
 
 def build(name: str) -> nn.Module:

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.progress import track
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from sklearn.datasets import load_digits
@@ -28,6 +27,7 @@ from torch import nn
 
 from compactml.cache import cache_dir
 from compactml.io import atomic_write_bytes
+from compactml.progress import progress_bar
 from compactml.source import set_source
 from compactml.task import Task
 
@@ -125,7 +125,7 @@ def train(data: DigitsData, epochs: int = EPOCHS, progress: bool = True) -> Digi
         steps = epochs * -(-len(data.train_x) // BATCH_SIZE)
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, LEARNING_RATE, total_steps=steps)
         model.train()
-        for _ in track(range(epochs), description=f"training {NAME} (once)", disable=not progress):
+        for _ in progress_bar(range(epochs), f"training {NAME} (once)", enabled=progress):
             order = torch.randperm(len(data.train_x))
             for x, y in _batches(data.train_x[order], data.train_y[order], BATCH_SIZE):
                 optimizer.zero_grad()

@@ -10,6 +10,7 @@ Nothing here downloads: models and tokenizers are read from local folders only.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from collections.abc import Callable, Iterator, Sequence
@@ -80,6 +81,19 @@ class LazyBatches:
 
     def __len__(self) -> int:
         return len(self._get())
+
+
+@contextlib.contextmanager
+def transformers_progress(enabled: bool) -> Iterator[None]:
+    """Turn transformers' progress bars on or off for the duration of a block, then restore."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
 def require_transformers(what: str) -> Any:
@@ -172,19 +186,21 @@ def json_config(config: Any) -> dict:
     return json.loads(config.to_json_string(use_diff=False))
 
 
-def load_folder(path: str | Path) -> tuple[nn.Module, Task]:
+def load_folder(path: str | Path, progress: bool = True) -> tuple[nn.Module, Task]:
     """Load a local Hugging Face model folder as a :class:`SentenceEncoder` and its Task.
 
     The folder needs ``config.json``, safetensors weights and a tokenizer. No remote code is
     run and nothing is downloaded. The Task is the docstring retrieval task.
+    ``progress=False`` silences transformers' weight-loading bar.
     """
     folder = Path(path).resolve()
     _check_folder(folder)
     transformers = require_transformers("loading a Hugging Face folder")
     try:
-        encoder = transformers.AutoModel.from_pretrained(
-            str(folder), local_files_only=True, trust_remote_code=False, use_safetensors=True
-        )
+        with transformers_progress(progress):
+            encoder = transformers.AutoModel.from_pretrained(
+                str(folder), local_files_only=True, trust_remote_code=False, use_safetensors=True
+            )
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             str(folder), local_files_only=True, trust_remote_code=False
         )

@@ -21,6 +21,7 @@ from compactml.examples.hf import (
     SentenceEncoder,
     embedding_task,
     reference_copy,
+    transformers_progress,
 )
 from compactml.source import set_source
 from compactml.task import Task
@@ -61,13 +62,14 @@ def build() -> nn.Module:
     return SentenceEncoder(transformers.BertModel(config)).eval()
 
 
-def pretrained() -> SentenceEncoder:
+def pretrained(progress: bool = True) -> SentenceEncoder:
     """The pretrained sentence encoder, in eval mode (no Task)."""
     path = model_dir()
     transformers = _transformers()
-    encoder = transformers.AutoModel.from_pretrained(
-        str(path), local_files_only=True, use_safetensors=True
-    )
+    with transformers_progress(progress):
+        encoder = transformers.AutoModel.from_pretrained(
+            str(path), local_files_only=True, use_safetensors=True
+        )
     model = SentenceEncoder(encoder).eval()
     return set_source(model, {"kind": "builtin", "name": NAME})
 
@@ -83,7 +85,10 @@ def task(reference: nn.Module | None = None, limit: int | None = None) -> Task:
     return embedding_task(tokenizer(), reference, limit=limit, name=NAME)
 
 
-def load(limit: int | None = None) -> tuple[nn.Module, Task]:
-    """The pretrained model (eval mode) and its Task, whose ``reference`` is a separate copy."""
-    model = pretrained()
+def load(limit: int | None = None, progress: bool = True) -> tuple[nn.Module, Task]:
+    """The pretrained model (eval mode) and its Task, whose ``reference`` is a separate copy.
+
+    ``limit`` caps the examples per split; ``progress=False`` silences the loading bar.
+    """
+    model = pretrained(progress=progress)
     return model, task(reference=reference_copy(model), limit=limit)
