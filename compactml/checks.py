@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compactml.errors import CompactMLError
+from compactml.errors import CompactMLError, first_line
 from compactml.task import call_model, describe
 
 
@@ -34,8 +34,7 @@ def run_checked(
         with torch.no_grad():
             return forward(model, inputs) if forward is not None else call_model(model, inputs)
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CompactMLError(
-            f"the model cannot run on {what} {describe(inputs)} ({reason}); "
+            f"the model cannot run on {what} {describe(inputs)} ({first_line(exc)}); "
             "pass an input shaped as the model expects, e.g. task.example_input()"
         ) from exc

@@ -17,3 +17,10 @@ class ArtifactError(CompactMLError):
 
 class SignatureError(ArtifactError):
     """A signature that is missing when a key is given, or that does not match the key."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty),
+    for quoting a low-level error inside a one-line user message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

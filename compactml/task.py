@@ -11,6 +11,7 @@ target, if any, sits under ``labels``. ``inputs`` may itself be a tensor, a tupl
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -97,6 +98,26 @@ def batch_size(inputs: Any) -> int:
     if isinstance(inputs, (tuple, list)) and inputs:
         return batch_size(inputs[0])
     raise CompactMLError(f"cannot tell the batch size of inputs of type {type(inputs).__name__}")
+
+
+def tensor_nbytes(value: Any) -> int:
+    """Bytes held by all tensors in a nested structure of tensors, tuples, lists and dicts."""
+    from torch.utils._pytree import tree_leaves
+
+    return sum(t.numel() * t.element_size() for t in tree_leaves(value) if torch.is_tensor(t))
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Put ``models`` in eval mode for a block; restore every submodule's own flag afterwards."""
+    flags = [(module, module.training) for model in models for module in model.modules()]
+    try:
+        for module, _ in flags:
+            module.training = False
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
 
 
 def describe(inputs: Any) -> str:
