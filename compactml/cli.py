@@ -64,9 +64,12 @@ def _example_input(task, input_shape: str | None):
         try:
             shape = tuple(int(part) for part in input_shape.replace("x", ",").split(","))
         except ValueError:
+            shape = ()
+        if not shape or min(shape) < 1:
             raise CompactMLError(
-                f"--input-shape {input_shape!r} is not a list of integers; write e.g. 1,3,224,224"
-            ) from None
+                f"--input-shape {input_shape!r} is not a list of positive integers; "
+                "write e.g. 1,3,224,224"
+            )
         return torch.randn(shape, generator=torch.Generator().manual_seed(0))
     if task is None:
         raise CompactMLError(
@@ -76,10 +79,13 @@ def _example_input(task, input_shape: str | None):
     return task.example_input()
 
 
-def _resolve(model: str):
+def _resolve(model: str, trust_factory: bool = False):
     from compactml.source import resolve
 
-    return resolve(model, progress=OUT.human)
+    return resolve(model, progress=OUT.human, trust_factory=trust_factory)
+
+
+TRUST_HELP = "let a .cml made from a file.py:factory run that file to rebuild its architecture"
 
 
 def _save_report(report: dict, folder: Path | None) -> None:
@@ -99,12 +105,16 @@ def profile(
     threads: int | None = typer.Option(None, min=1, help="CPU threads for the latency runs"),
     input_shape: str | None = typer.Option(None, help="example input shape, e.g. 1,3,224,224"),
     report: Path | None = typer.Option(None, "--report", "-o", help="write a report folder"),
+    trust_factory: bool = typer.Option(False, help=TRUST_HELP),
 ) -> None:
     """Measure size as stored, MACs, latency, peak memory, energy, and the fit on a device."""
     from compactml.profile import profile as run_profile
+    from compactml.profile.targets import get_target
     from compactml.report.console import console_blocks
 
-    net, task = _resolve(model)
+    if target is not None:
+        get_target(target)  # an unknown device fails before the model is loaded
+    net, task = _resolve(model, trust_factory)
     example = _example_input(task, input_shape)
     result = run_profile(net, example, target=target, repeats=repeats, threads=threads)
     data = result.to_dict()
@@ -120,18 +130,19 @@ def evaluate_cmd(
     reference: str | None = typer.Option(None, help="original model to compare against"),
     limit: int | None = typer.Option(None, min=1, help="evaluate on the first N batches only"),
     report: Path | None = typer.Option(None, "--report", "-o", help="write a report folder"),
+    trust_factory: bool = typer.Option(False, help=TRUST_HELP),
 ) -> None:
     """Evaluate quality: accuracy and calibration, retrieval and fidelity, or perplexity."""
     from compactml.evaluate import evaluate
     from compactml.report.console import console_blocks
 
-    net, task = _resolve(model)
+    net, task = _resolve(model, trust_factory)
     if task is None:
         raise CompactMLError(
             f"{model} has no built-in task to evaluate on; evaluate it from Python with "
             "cml.evaluate(model, cml.Task(eval=...))"
         )
-    ref = _resolve(reference)[0] if reference else None
+    ref = _resolve(reference, trust_factory)[0] if reference else None
     metrics = evaluate(net, task, reference=ref, limit=limit, progress=OUT.human)
     reference_metrics = None
     if ref is not None:

@@ -15,15 +15,18 @@ Hugging Face folder, or ``path/to/file.py:factory``) into ``(model, task or None
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib.util
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from compactml.errors import CompactMLError
+from compactml.errors import CompactMLError, first_line
 from compactml.task import Task
 
 SOURCE_ATTR = "_compactml_source"
@@ -63,6 +66,17 @@ def _split_factory(spec: str) -> tuple[Path, str]:
     return Path(file_part), func
 
 
+@contextlib.contextmanager
+def _importable(folder: Path) -> Iterator[None]:
+    """Let a factory file import its sibling modules while it runs (its folder on sys.path)."""
+    sys.path.insert(0, str(folder))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(str(folder))
+
+
 def _call_factory(path: Path, func: str) -> Any:
     if not path.is_file():
         raise CompactMLError(f"model file {path} does not exist; check the path")
@@ -72,11 +86,25 @@ def _call_factory(path: Path, func: str) -> Any:
     if spec is None or spec.loader is None:
         raise CompactMLError(f"cannot import {path}; is it a Python file?")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    factory = getattr(module, func, None)
-    if not callable(factory):
-        raise CompactMLError(f"{path} has no function {func!r}; check the name after the colon")
-    return factory()
+    sys.modules[module_name] = module
+    try:
+        with _importable(path.resolve().parent):
+            spec.loader.exec_module(module)
+            factory = getattr(module, func, None)
+            if not callable(factory):
+                raise CompactMLError(
+                    f"{path} has no function {func!r}; check the name after the colon"
+                )
+            return factory()
+    except CompactMLError:
+        sys.modules.pop(module_name, None)
+        raise
+    except Exception as exc:
+        sys.modules.pop(module_name, None)
+        raise CompactMLError(
+            f"{path}:{func} failed with {type(exc).__name__}: {first_line(exc)}; "
+            "fix the factory (run it with --debug for the traceback)"
+        ) from exc
 
 
 def load_factory(spec: str) -> tuple[nn.Module, Task | None]:
@@ -98,8 +126,13 @@ def load_factory(spec: str) -> tuple[nn.Module, Task | None]:
     return set_source(model, source), task
 
 
-def build_base(source: dict | None) -> nn.Module:
-    """Build the architecture described by ``source`` (its weights are then overwritten)."""
+def build_base(source: dict | None, trust_factory: bool = False) -> nn.Module:
+    """Build the architecture described by ``source`` (its weights are then overwritten).
+
+    A ``factory`` source runs a Python file, so it is refused unless ``trust_factory`` is
+    True: an artifact must never make compactml execute code the caller did not ask for.
+    The file must also still hash to the SHA-256 recorded when the artifact was written.
+    """
     kind = (source or {}).get("kind")
     if kind == "builtin":
         from compactml import examples
@@ -107,6 +140,12 @@ def build_base(source: dict | None) -> nn.Module:
         return examples.build(source["name"])
     if kind == "factory":
         path = Path(source["path"])
+        if not trust_factory:
+            raise CompactMLError(
+                f"the artifact's architecture comes from the Python file {path}, and loading "
+                "it would run that file; pass model=<an instance of the architecture> to "
+                "cml.load, or trust_factory=True (CLI: --trust-factory) if you trust the file"
+            )
         if not path.is_file():
             raise CompactMLError(
                 f"the artifact was made from {path}, which no longer exists; "
@@ -129,11 +168,27 @@ def build_base(source: dict | None) -> nn.Module:
     )
 
 
-def resolve(ref: str, progress: bool = True) -> tuple[nn.Module, Task | None]:
+def _artifact_task(source: dict) -> Task | None:
+    """The task of the model an artifact was made from, when compactml can rebuild it."""
+    if source.get("kind") == "builtin":
+        from compactml import examples
+
+        return examples.load_task(source["name"])
+    if source.get("kind") == "hf":
+        from compactml.examples import hf
+
+        return hf.task_from_source(source)
+    return None
+
+
+def resolve(
+    ref: str, progress: bool = True, trust_factory: bool = False
+) -> tuple[nn.Module, Task | None]:
     """Turn a MODEL reference into ``(model, task or None)``.
 
     ``ref`` is a built-in name (``digits-cnn``), a ``.cml`` file, a Hugging Face model folder,
-    or ``path/to/file.py:factory``. ``progress=False`` silences loading and training bars.
+    or ``path/to/file.py:factory``. ``progress=False`` silences loading and training bars;
+    ``trust_factory`` lets a ``.cml`` made from a factory file run that file (see build_base).
     """
     from compactml import examples
 
@@ -147,10 +202,8 @@ def resolve(ref: str, progress: bool = True) -> tuple[nn.Module, Task | None]:
             raise CompactMLError(f"model file {path} does not exist; check the path")
         from compactml.export.artifact import load
 
-        model = load(path)
-        source = get_source(model) or {}
-        task = examples.load_task(source["name"]) if source.get("kind") == "builtin" else None
-        return model, task
+        model = load(path, trust_factory=trust_factory)
+        return model, _artifact_task(get_source(model) or {})
     if path.is_dir() and (path / "config.json").is_file():
         from compactml.examples import hf
 

@@ -10,9 +10,8 @@ error when the first batch does not fit, and a progress bar.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,7 +23,7 @@ from compactml.evaluate.classification import DEFAULT_NOISE_LEVELS, evaluate_cla
 from compactml.evaluate.embeddings import evaluate_embedding
 from compactml.evaluate.language import evaluate_language_model
 from compactml.progress import progress_bar
-from compactml.task import Batch, Task
+from compactml.task import Batch, Task, eval_mode
 
 #: The headline metric of each kind of model, and whether higher or lower is better.
 PRIMARY = {
@@ -101,12 +100,12 @@ def evaluate(
         check_finite(reference)
     models = [model] if reference is None else [model, reference]
     if task.kind == "custom":
-        with _eval_mode(models):
+        with eval_mode(*models):
             return _custom_metrics(task.metric(model, task))
     task.batches("eval", limit)  # raises the Task's own error when there is no eval data
     batches = _batch_source(task, limit, progress)
     runner = _Runner(task)
-    with _eval_mode(models), torch.inference_mode():
+    with eval_mode(*models), torch.inference_mode():
         if task.kind == "classification":
             values = evaluate_classification(model, reference, batches, runner, levels)
         elif task.kind == "embedding":
@@ -159,19 +158,6 @@ def _batch_source(task: Task, limit: int | None, progress: bool) -> Callable[[st
         passes.append(count)
 
     return batches
-
-
-@contextlib.contextmanager
-def _eval_mode(models: Iterable[nn.Module]) -> Iterator[None]:
-    """Put models in eval mode; restore every submodule's training flag afterwards."""
-    flags = [(module, module.training) for model in models for module in model.modules()]
-    try:
-        for module, _ in flags:
-            module.training = False
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
 
 
 def _device_of(model: nn.Module) -> torch.device | None:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from compactml.errors import CompactMLError
-from compactml.task import batch_size, call_model
+from compactml.task import batch_size, call_model, eval_mode
 
 RUNTIME = "pytorch-eager"
 
@@ -45,18 +45,6 @@ class Latency:
     def to_dict(self) -> dict:
         """The JSON-able form used by ``Profile.to_dict()["latency"]``."""
         return asdict(self)
-
-
-@contextmanager
-def evaluating(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every module of ``model`` in eval mode, and restore each one's own flag afterwards."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in flags:
-            module.training = training
 
 
 @contextmanager
@@ -104,7 +92,7 @@ def measure_latency(
             f"warmup={warmup}; pass e.g. repeats=30, warmup=5"
         )
     times_ms = []
-    with evaluating(model), torch_threads(threads) as used_threads, torch.inference_mode():
+    with eval_mode(model), torch_threads(threads) as used_threads, torch.inference_mode():
         for _ in range(warmup):
             call_model(model, inputs)
         _synchronize(model)

@@ -10,7 +10,7 @@ import torch
 
 from compactml import examples
 from compactml.cli import main
-from compactml.export.artifact import save
+from compactml.export.artifact import load, save
 
 FACTORY = """
 import torch
@@ -153,6 +153,20 @@ def test_wrong_or_missing_signature(capsys, digits_artifact, keys, tmp_path):
 
 def test_example_input_of_the_wrong_shape(capsys):
     expect_error(capsys, ["profile", "digits-cnn", "--input-shape", "1,3,5"], "cannot run")
+    expect_error(capsys, ["profile", "digits-cnn", "--input-shape=-1"], "positive integers")
+    expect_error(capsys, ["profile", "digits-cnn", "--input-shape", "0,1,8,8"], "positive")
+
+
+def test_artifact_of_a_factory_runs_the_factory_only_when_trusted(capsys, factory, tmp_path):
+    from compactml.source import load_factory
+
+    model, _ = load_factory(f"{factory}:build")
+    path = save(model, tmp_path / "fac.cml")
+    expect_error(capsys, ["profile", str(path), "--input-shape", "1,12"], "--trust-factory")
+    data = run_json(
+        capsys, "profile", str(path), "--input-shape", "1,12", "--trust-factory", "--repeats", "1"
+    )
+    assert data["macs"] == 12 * 4 + 4 * 2
 
 
 def test_nan_weights(capsys, factory):
@@ -191,18 +205,22 @@ def test_demo_end_to_end(capsys, tmp_path):
     folder = tmp_path / "demo"
     for name in ("report.json", "report.md", "report.html", "digits-cnn.cml"):
         assert (folder / name).is_file(), name
+    assert json.loads((folder / "report.json").read_text())["metrics"] == report["metrics"]
     assert report["metrics"]["top1"] >= 0.97
-    assert report["artifact"]["signed"] and report["artifact"]["verified"]
-    assert report["artifact"]["bytes"] == (folder / "digits-cnn.cml").stat().st_size
+    artifact = report["artifact"]
+    assert artifact["signed"] and artifact["verified"]
+    assert artifact["bytes"] == (folder / "digits-cnn.cml").stat().st_size
     assert report["profile"]["target"]["name"] == "stm32f746"
-    html = (folder / "report.html").read_text()
-    assert "data:image/png;base64," in html
-    # a second run reuses the keys and still verifies
+    assert "data:image/png;base64," in (folder / "report.html").read_text()
+    # the artifact reloads, verified with the public key, and predicts like the original
+    model, task = examples.load("digits-cnn")
+    loaded = load(folder / "digits-cnn.cml", verify_key=artifact["public_key"])
+    inputs = next(task.batches("eval"))[0]
+    with torch.inference_mode():
+        assert torch.equal(model(inputs), loaded(inputs))
+    # a second run reuses the key pair, so the same public key still verifies
     assert main(["demo", "-o", str(folder), "--quiet"]) == 0
-    assert torch.equal(
-        torch.tensor(report["metrics"]["top1"]),
-        torch.tensor(json.loads((folder / "report.json").read_text())["metrics"]["top1"]),
-    )
+    assert main(["verify", str(folder / "digits-cnn.cml"), "--key", artifact["public_key"]]) == 0
 
 
 def test_profile_a_hugging_face_folder(capsys, tmp_path):
