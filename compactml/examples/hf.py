@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compactml.errors import CompactMLError
+from compactml.errors import CompactMLError, first_line
 from compactml.examples.docstrings import docstring_splits
 from compactml.source import set_source
 from compactml.task import Task
@@ -30,6 +31,18 @@ HF_EXTRA_HINT = "pip install 'compactml[hf]'"
 MAX_LENGTH = 128
 BATCH_SIZE = 32
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+#: Files of which a saved tokenizer has at least one (fast, WordPiece, BPE, SentencePiece).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+)
+MAX_KEYS_SHOWN = 3  # tensor names quoted in a loading error
+
+log = logging.getLogger(__name__)
 
 
 class SentenceEncoder(nn.Module):
@@ -84,16 +97,24 @@ class LazyBatches:
 
 
 @contextlib.contextmanager
-def transformers_progress(enabled: bool) -> Iterator[None]:
-    """Turn transformers' progress bars on or off for the duration of a block, then restore."""
+def quiet_transformers(progress: bool) -> Iterator[None]:
+    """For the duration of a block: transformers' progress bars on or off, and its warnings
+    (such as the LOAD REPORT it prints for missing weights) silenced; both restored after.
+
+    compactml checks the loading info itself and raises one clear error instead.
+    """
     from transformers.utils import logging as hf_logging
 
-    was = hf_logging.is_progress_bar_enabled()
-    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    library_logger = logging.getLogger("transformers")
+    was_level = library_logger.level
+    was_bar = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if progress else hf_logging.disable_progress_bar)()
+    library_logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+        library_logger.setLevel(was_level)
+        (hf_logging.enable_progress_bar if was_bar else hf_logging.disable_progress_bar)()
 
 
 def require_transformers(what: str) -> Any:
@@ -174,11 +195,16 @@ def _check_folder(folder: Path) -> None:
         raise CompactMLError(
             f"{folder} has no config.json; give a Hugging Face model folder (save_pretrained)"
         )
-    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+    if not has_weights(folder):
         raise CompactMLError(
             f"{folder} has no model.safetensors; save the model with "
             "save_pretrained(folder, safe_serialization=True) (pickled .bin weights are not read)"
         )
+
+
+def has_weights(folder: Path) -> bool:
+    """True when ``folder`` holds safetensors weights (one file or a sharded index)."""
+    return any((folder / name).is_file() for name in WEIGHT_FILES)
 
 
 def json_config(config: Any) -> dict:
@@ -186,30 +212,92 @@ def json_config(config: Any) -> dict:
     return json.loads(config.to_json_string(use_diff=False))
 
 
+def _some(keys: Sequence[str]) -> str:
+    shown = ", ".join(keys[:MAX_KEYS_SHOWN])
+    return f"{shown}, ... ({len(keys)} in all)" if len(keys) > MAX_KEYS_SHOWN else shown
+
+
+def loading_problems(info: dict, module_names: Sequence[str]) -> list[str]:
+    """Describe what ``from_pretrained(output_loading_info=True)`` could not load, or [].
+
+    Missing and mis-shaped tensors were filled with random values by transformers, so they are
+    always problems. Unexpected tensors are problems when they belong to the model's own
+    modules ``module_names`` (e.g. a layer the config no longer has); tensors of a task head
+    the encoder does not have (``classifier.*`` of a fine-tuned classifier) are not.
+    """
+    missing = sorted(info.get("missing_keys") or ())
+    unexpected = sorted(
+        key for key in info.get("unexpected_keys") or () if key.split(".")[0] in module_names
+    )
+    mismatched = sorted(
+        f"{key} (file {list(stored)}, config {list(wanted)})"
+        for key, stored, wanted in info.get("mismatched_keys") or ()
+    )
+    named = (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
+    return [f"{label}: {_some(keys)}" for label, keys in named if keys]
+
+
+def load_encoder(folder: Path, progress: bool = True) -> nn.Module:
+    """The transformers model saved in ``folder``, every weight read from its safetensors.
+
+    Raises CompactMLError when the weights cannot be read or do not fit the config (tensors
+    missing, unexpected or of the wrong shape), where transformers would instead fill the gaps
+    with random values. Runs no remote code and downloads nothing.
+    """
+    transformers = require_transformers("loading a Hugging Face folder")
+    try:
+        with quiet_transformers(progress):
+            encoder, info = transformers.AutoModel.from_pretrained(
+                str(folder),
+                local_files_only=True,
+                trust_remote_code=False,
+                use_safetensors=True,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # report mis-shaped tensors below, by name
+            )
+    except CompactMLError:
+        raise
+    except Exception as exc:
+        raise CompactMLError(
+            f"cannot load the Hugging Face model in {folder} ({first_line(exc)}); "
+            "check that it holds a complete save_pretrained() model"
+        ) from exc
+    problems = loading_problems(info, [name for name, _ in encoder.named_children()])
+    if problems:
+        raise CompactMLError(
+            f"the weights in {folder} do not fit its config.json ({'; '.join(problems)}); "
+            "restore the folder or save the model again with save_pretrained()"
+        )
+    return encoder
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """The tokenizer saved in ``folder`` (local files only, no remote code)."""
+    transformers = require_transformers("loading a Hugging Face tokenizer")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(
+            str(folder), local_files_only=True, trust_remote_code=False
+        )
+    except CompactMLError:
+        raise
+    except Exception as exc:
+        raise CompactMLError(
+            f"cannot load the tokenizer in {folder} ({first_line(exc)}); "
+            "save it there with tokenizer.save_pretrained(folder)"
+        ) from exc
+
+
 def load_folder(path: str | Path, progress: bool = True) -> tuple[nn.Module, Task]:
     """Load a local Hugging Face model folder as a :class:`SentenceEncoder` and its Task.
 
-    The folder needs ``config.json``, safetensors weights and a tokenizer. No remote code is
-    run and nothing is downloaded. The Task is the docstring retrieval task.
+    The folder needs ``config.json``, safetensors weights that fit it, and a tokenizer. No
+    remote code is run and nothing is downloaded. The Task is the docstring retrieval task.
     ``progress=False`` silences transformers' weight-loading bar.
     """
     folder = Path(path).resolve()
     _check_folder(folder)
-    transformers = require_transformers("loading a Hugging Face folder")
-    try:
-        with transformers_progress(progress):
-            encoder = transformers.AutoModel.from_pretrained(
-                str(folder), local_files_only=True, trust_remote_code=False, use_safetensors=True
-            )
-        tokenizer = transformers.AutoTokenizer.from_pretrained(
-            str(folder), local_files_only=True, trust_remote_code=False
-        )
-    except (OSError, ValueError, KeyError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CompactMLError(
-            f"cannot load the Hugging Face model in {folder} ({reason}); "
-            "check that it holds a complete save_pretrained() model and tokenizer"
-        ) from exc
+    encoder = load_encoder(folder, progress=progress)
+    tokenizer = load_tokenizer(folder)
     model = SentenceEncoder(encoder).eval()
     source = {
         "kind": "hf",
@@ -219,6 +307,45 @@ def load_folder(path: str | Path, progress: bool = True) -> tuple[nn.Module, Tas
     }
     set_source(model, source)
     return model, embedding_task(tokenizer, reference_copy(model), name=folder.name)
+
+
+def _original_reference(folder: Path, source: dict) -> nn.Module | None:
+    """The model still saved in ``folder`` if it is the one ``source`` describes, else None."""
+    if not has_weights(folder):
+        return None
+    try:
+        encoder = load_encoder(folder, progress=False)
+    except CompactMLError as exc:
+        log.warning("no reference model for %s: %s", folder, exc)
+        return None
+    if json_config(encoder.config) != source.get("config"):
+        log.warning("no reference model: %s changed since the artifact was made", folder)
+        return None
+    return reference_copy(SentenceEncoder(encoder))
+
+
+def task_from_source(source: dict, limit: int | None = None) -> Task | None:
+    """The docstring Task for a model made from a Hugging Face folder, or None.
+
+    ``source`` is a ``{"kind": "hf", "path": folder, ...}`` source (as stored in an artifact).
+    The Task is tokenized with the folder's tokenizer; its reference is the original model when
+    the folder still holds it unchanged (fidelity is measured against it), else None. Returns
+    None when the source is not a folder's, or the folder or its tokenizer is gone or unreadable.
+    ``limit`` caps the examples per split.
+    """
+    path = source.get("path") if source.get("kind") == "hf" else None
+    folder = Path(path) if isinstance(path, str) else None
+    if folder is None or not folder.is_dir():
+        return None
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    try:
+        tokenizer = load_tokenizer(folder)
+    except CompactMLError as exc:
+        log.warning("no task for %s: %s", folder, exc)
+        return None
+    reference = _original_reference(folder, source)
+    return embedding_task(tokenizer, reference, limit=limit, name=folder.name)
 
 
 def _model_class(transformers: Any, name: str | None) -> Any:

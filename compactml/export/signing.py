@@ -51,11 +51,10 @@ def write_keypair(path: str | os.PathLike) -> tuple[Path, Path]:
     public_pem = public.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    # The temporary file is created with mode 0600, so the key is never readable by others.
-    atomic_write_bytes(private_path, private_pem)
-    os.chmod(private_path, 0o600)
-    atomic_write_bytes(public_path, public_pem)
-    os.chmod(public_path, 0o644)
+    # The temporary file gets mode 0600 before the key is written into it, so the private key
+    # is never readable by others, not even for a moment.
+    atomic_write_bytes(private_path, private_pem, permissions=0o600)
+    atomic_write_bytes(public_path, public_pem, permissions=0o644)
     return private_path, public_path
 
 

@@ -12,13 +12,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
 from compactml.checks import check_finite, run_checked
 from compactml.errors import CompactMLError
 from compactml.profile.energy import Energy, estimate_energy, mac_kind
 from compactml.profile.flops import ForwardTrace, trace_forward
-from compactml.profile.latency import Latency, evaluating, measure_latency
+from compactml.profile.latency import Latency, measure_latency
 from compactml.profile.memory import ActivationMemory, peak_activation
 from compactml.profile.size import (
     LayerStorage,
@@ -28,6 +27,7 @@ from compactml.profile.size import (
     stored_bytes,
 )
 from compactml.profile.targets import Fit, Target, check_fit, get_target, load_targets
+from compactml.task import eval_mode, tensor_nbytes
 
 __all__ = [
     "Energy",
@@ -125,11 +125,6 @@ def _layers(
     return tuple(layers)
 
 
-def _input_bytes(inputs: Any) -> int:
-    leaves = tree_leaves(inputs)
-    return sum(t.numel() * t.element_size() for t in leaves if hasattr(t, "element_size"))
-
-
 def _energy(
     layers: tuple[LayerProfile, ...],
     storage: dict[str, LayerStorage],
@@ -155,7 +150,7 @@ def _traffic_and_ram(
         traffic = (memory.input_bytes, memory.activation_bytes)
         return traffic, memory.peak_bytes, memory.note
     leaf_outputs = sum(trace.output_bytes.get(layer.name, 0) for layer in layers)
-    in_bytes = _input_bytes(inputs)
+    in_bytes = tensor_nbytes(inputs)
     upper = in_bytes + leaf_outputs
     note = f"{memory.note}; device RAM checked against {upper} bytes (all layer outputs at once)"
     return (in_bytes, leaf_outputs), upper, note
@@ -186,13 +181,25 @@ def profile(
         raise CompactMLError(
             f"profile needs a torch nn.Module, got {type(model).__name__}; pass the model object"
         )
-    device = get_target(target) if target is not None else None
+    device = get_target(target) if target is not None else None  # before any measuring
     check_finite(model)
-    with evaluating(model):
+    with eval_mode(model):
         run_checked(model, example_input)
         trace = trace_forward(model, example_input)
         memory = peak_activation(model, example_input)
     timing = measure_latency(model, example_input, repeats, warmup, threads) if latency else None
+    return _assemble(model, example_input, device, trace, memory, timing)
+
+
+def _assemble(
+    model: nn.Module,
+    example_input: Any,
+    device: Target | None,
+    trace: ForwardTrace,
+    memory: ActivationMemory,
+    timing: Latency | None,
+) -> Profile:
+    """The Profile from the measurements: per-layer storage, artifact size, fit and energy."""
     storage = layer_storage(model)
     layers = _layers(model, storage, trace.module_macs, trace)
     params, nonzero = count_params(model)

@@ -19,11 +19,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from compactml.errors import CompactMLError
-from compactml.task import call_model, primary_output
+from compactml.task import call_model, primary_output, tensor_nbytes
 
 
 @dataclass(frozen=True)
@@ -47,11 +46,6 @@ def _output_shape(output: Any) -> list[int] | None:
         return list(primary_output(output).shape)
     except CompactMLError:
         return None
-
-
-def _output_bytes(output: Any) -> int:
-    leaves = tree_leaves(output)
-    return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
 
 
 def _global_flops(counter: FlopCounterMode) -> int:
@@ -100,7 +94,7 @@ def trace_forward(model: nn.Module, inputs: Any) -> ForwardTrace:
         if running:  # the caller's own count excludes what ran inside this module
             own[running[-1][0]] -= flops
         shapes.setdefault(name, _output_shape(output))
-        out_bytes[name] = out_bytes.get(name, 0) + _output_bytes(output)
+        out_bytes[name] = out_bytes.get(name, 0) + tensor_nbytes(output)
 
     handles = []
     for module in {id(m): m for m in model.modules()}.values():

@@ -18,6 +18,7 @@ arena planner needs, and an upper bound for a smarter one.
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.utils._pytree import tree_leaves
+
+from compactml.errors import first_line
+from compactml.task import call_model, tensor_nbytes
 
 VIEW_NAMES = frozenset(
     "view view_as reshape flatten unflatten squeeze unsqueeze transpose permute t expand "
@@ -82,20 +87,17 @@ def peak_live_bytes(steps: list[Step]) -> int:
     return peak
 
 
-def _value_bytes(value: Any) -> int:
-    """Bytes of the tensors in a node's value: FakeTensors (export) or TensorMetadata (fx)."""
-    if isinstance(value, torch.Tensor):
-        return int(value.numel()) * value.element_size()
-    if isinstance(value, TensorMetadata):
-        numel = 1
-        for size in value.shape:
-            numel *= int(size)
-        return numel * value.dtype.itemsize
-    if isinstance(value, (tuple, list)):
-        return sum(_value_bytes(item) for item in value)
-    if isinstance(value, dict):
-        return sum(_value_bytes(item) for item in value.values())
-    return 0
+def _meta_bytes(meta: Any) -> int:
+    """Bytes described by fx ShapeProp's ``tensor_meta``: a TensorMetadata or a nest of them.
+
+    ``tensor_nbytes`` counts real (and fake) tensors; fx records only shapes and dtypes.
+    """
+    leaves = tree_leaves(meta, is_leaf=lambda leaf: isinstance(leaf, TensorMetadata))
+    return sum(
+        math.prod(int(size) for size in leaf.shape) * leaf.dtype.itemsize
+        for leaf in leaves
+        if isinstance(leaf, TensorMetadata)
+    )
 
 
 def _aliased_arg(node: fx.Node) -> fx.Node | None:
@@ -122,11 +124,11 @@ def _export_steps(model: nn.Module, args: tuple, kwargs: dict) -> list[Step]:
     for node in program.graph.nodes:
         inputs = tuple(n.name for n in node.all_input_nodes)
         if node.op == "placeholder":
-            nbytes = _value_bytes(node.meta.get("val")) if node.name in user_inputs else 0
+            nbytes = tensor_nbytes(node.meta.get("val")) if node.name in user_inputs else 0
             steps.append(Step(node.name, nbytes, is_input=node.name in user_inputs))
             continue
         alias = _aliased_arg(node) if node.op == "call_function" else None
-        nbytes = 0 if node.op == "output" else _value_bytes(node.meta.get("val"))
+        nbytes = 0 if node.op == "output" else tensor_nbytes(node.meta.get("val"))
         steps.append(Step(node.name, nbytes, inputs, alias.name if alias is not None else None))
     return steps
 
@@ -156,27 +158,25 @@ def _fx_steps(model: nn.Module, args: tuple, kwargs: dict) -> list[Step]:
         inputs = tuple(n.name for n in node.all_input_nodes)
         meta = node.meta.get("tensor_meta")
         if node.op == "placeholder":
-            steps.append(Step(node.name, _value_bytes(meta), is_input=True))
+            steps.append(Step(node.name, _meta_bytes(meta), is_input=True))
         elif node.op in ("get_attr", "output"):
             steps.append(Step(node.name, 0, inputs))
         else:
             alias = _fx_alias(node, graph_module)
-            nbytes = _value_bytes(meta)
+            nbytes = _meta_bytes(meta)
             steps.append(Step(node.name, nbytes, inputs, alias.name if alias is not None else None))
     return steps
 
 
-def _as_call(inputs: Any) -> tuple[tuple, dict]:
-    if isinstance(inputs, dict):
-        return (), dict(inputs)
-    if isinstance(inputs, (tuple, list)):
-        return tuple(inputs), {}
-    return (inputs,), {}
+def _arguments(*args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+    """Hand back the call's arguments: the tracers take ``(args, kwargs)``, not a call."""
+    return args, kwargs
 
 
 def _reason(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
+    """``Type: first line`` of a tracer's error (message cut at 160 characters)."""
+    name = type(exc).__name__
+    return f"{name}: {first_line(exc)[:160]}" if str(exc).strip() else name
 
 
 def peak_activation(model: nn.Module, inputs: Any) -> ActivationMemory:
@@ -184,7 +184,8 @@ def peak_activation(model: nn.Module, inputs: Any) -> ActivationMemory:
 
     Returns ``peak_bytes=None`` with a note naming why when neither tracer can handle the model.
     """
-    args, kwargs = _as_call(inputs)
+    # call_model's dict/tuple rule, applied to a function that returns the arguments it got.
+    args, kwargs = call_model(_arguments, inputs)
     failures = []
     for method, build in (("torch.export", _export_steps), ("torch.fx", _fx_steps)):
         try:

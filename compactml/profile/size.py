@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from compactml.task import tensor_nbytes
+
 
 @dataclass(frozen=True)
 class LayerStorage:
@@ -23,11 +25,6 @@ class LayerStorage:
     nonzero_params: int
     stored_bytes: int
     dtype: torch.dtype | None
-
-
-def tensor_bytes(tensor: torch.Tensor) -> int:
-    """Bytes a tensor's elements take: ``numel * element_size``."""
-    return tensor.numel() * tensor.element_size()
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
@@ -62,7 +59,7 @@ def layer_storage(model: nn.Module) -> dict[str, LayerStorage]:
                 if id(tensor) in seen:
                     continue
                 seen.add(id(tensor))
-                nbytes += tensor_bytes(tensor)
+                nbytes += tensor_nbytes(tensor)
                 if is_param:
                     params += tensor.numel()
                     nonzero += int(torch.count_nonzero(tensor))

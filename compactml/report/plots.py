@@ -15,6 +15,7 @@ from typing import Any
 PER_LAYER_CHART = "per_layer_size.png"
 NOISE_CHART = "accuracy_vs_noise.png"
 TOP_LAYERS = 25  # the per-layer chart shows at most this many layers, the largest
+_BYTE_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB")
 _LABEL_CHARS = 48  # longer layer labels are shortened in the middle
 
 
@@ -26,6 +27,23 @@ def as_number(value: Any) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
+
+
+def byte_unit(n: float) -> tuple[float, str]:
+    """The divisor and binary unit (``B``, ``KiB`` ... ``PiB``) that show ``n`` bytes best.
+
+    The largest unit in which ``|n|`` rounds (two decimals) below 1024: 1536 -> (1024.0, "KiB").
+    Used by ``sections.human_bytes`` and by the per-layer chart's axis.
+    """
+    value = abs(float(n))
+    if value < 1024:
+        return 1.0, "B"
+    divisor = 1.0
+    for unit in _BYTE_UNITS:
+        divisor *= 1024
+        if round(value / divisor, 2) < 1024 or unit == _BYTE_UNITS[-1]:
+            return divisor, unit
+    raise AssertionError("unreachable")
 
 
 def layer_list(profile: Mapping[str, Any] | None) -> list[Mapping[str, Any]]:
@@ -65,14 +83,6 @@ def _plain(text: Any) -> str:
     return text.replace("$", r"\$")
 
 
-def _byte_unit(largest: float) -> tuple[float, str]:
-    """The divisor and unit that show ``largest`` bytes as a number below 1024."""
-    for power, unit in ((3, "GiB"), (2, "MiB"), (1, "KiB")):
-        if largest >= 1024**power:
-            return float(1024**power), unit
-    return 1.0, "bytes"
-
-
 def per_layer_size_png(layers: Sequence[Mapping[str, Any]], top: int = TOP_LAYERS) -> bytes:
     """Horizontal bars of stored bytes per layer, largest first, at most ``top`` layers (PNG)."""
     entries = sorted(
@@ -80,7 +90,7 @@ def per_layer_size_png(layers: Sequence[Mapping[str, Any]], top: int = TOP_LAYER
         key=lambda entry: entry[0],
         reverse=True,
     )[:top]
-    divisor, unit = _byte_unit(max((size for size, _ in entries), default=0.0))
+    divisor, unit = byte_unit(max((size for size, _ in entries), default=0.0))
     labels = [
         _plain(f"{layer.get('name', '?')} ({layer.get('type', '?')})") for _, layer in entries
     ]

@@ -16,6 +16,7 @@ from compactml.report.plots import (
     NOISE_CHART,
     PER_LAYER_CHART,
     TOP_LAYERS,
+    byte_unit,
     layer_list,
     noise_points,
 )
@@ -23,7 +24,6 @@ from compactml.report.plots import as_number as _num
 
 MISSING = "—"
 
-_BYTE_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB")
 _COUNT_UNITS = ("K", "M", "G", "T", "P")
 
 
@@ -32,14 +32,11 @@ def human_bytes(n: float) -> str:
 
     Negative counts (a margin that is short) keep their sign: -2048 -> "-2.00 KiB".
     """
+    divisor, unit = byte_unit(n)
     value = float(n)
-    if abs(value) < 1024:
+    if unit == "B":
         return f"{int(value)} B" if value == int(value) else f"{value:.2f} B"
-    for unit in _BYTE_UNITS:
-        value /= 1024
-        if abs(round(value, 2)) < 1024 or unit == _BYTE_UNITS[-1]:
-            return f"{value:.2f} {unit}"
-    raise AssertionError("unreachable")
+    return f"{value / divisor:.2f} {unit}"
 
 
 def human_count(n: float) -> str:

@@ -24,7 +24,7 @@ from compactml.source import get_path, get_source, load_factory
 
 def test_factory_model_round_trips_bit_exact(net, image, tmp_path):
     path = save(net, tmp_path / "net.cml")
-    loaded = load(path)
+    loaded = load(path, trust_factory=True)
     assert torch.equal(loaded(image), net(image))
     assert type(loaded).__qualname__ == "Net"
     assert not loaded.training
@@ -71,7 +71,7 @@ def test_structurally_shrunk_model_round_trips(perturb, net, image, tmp_path):
     transforms = read_manifest(path)["transforms"]
     assert [t["module"] for t in transforms] == ["conv", "bn", "act", "fc1", "fc2"]
     assert {t["op"] for t in transforms} == {"replace"}
-    loaded = load(path)
+    loaded = load(path, trust_factory=True)
     assert loaded.conv.out_channels == 2 and loaded.fc1.in_features == 2
     assert isinstance(loaded.act, nn.Identity) and loaded.fc2.bias is None
     assert torch.equal(loaded(image), net(image))
@@ -79,7 +79,7 @@ def test_structurally_shrunk_model_round_trips(perturb, net, image, tmp_path):
 
 def test_plain_attribute_change_round_trips(net, image, tmp_path):
     net.mixer.heads = 2  # forward reshapes by heads: a wrong value changes the output
-    loaded = load(save(net, tmp_path / "heads.cml"))
+    loaded = load(save(net, tmp_path / "heads.cml"), trust_factory=True)
     assert loaded.mixer.heads == 2
     assert torch.equal(loaded(image), net(image))
 
@@ -89,7 +89,7 @@ def test_container_replacement_and_deletion_round_trip(perturb, factory_file, tm
     del seq[2]  # Sequential renumbers: Linear, ReLU, Linear
     seq[0] = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 5))
     perturb(seq)
-    loaded = load(save(seq, tmp_path / "seq.cml"))
+    loaded = load(save(seq, tmp_path / "seq.cml"), trust_factory=True)
     assert [type(m).__name__ for m in loaded] == ["Sequential", "ReLU", "Linear"]
     assert len(loaded[0]) == 3
     x = torch.randn(4, 6)
@@ -136,7 +136,7 @@ def test_tied_weights_are_stored_once_and_retied(perturb, tmp_path):
 def test_dtypes_are_kept(net, image, tmp_path):
     net.half()
     net.register_buffer("scale", torch.tensor([1.5, 2.0], dtype=torch.bfloat16))
-    loaded = load(save(net, tmp_path / "half.cml"))
+    loaded = load(save(net, tmp_path / "half.cml"), trust_factory=True)
     assert loaded.fc1.weight.dtype == torch.float16
     assert loaded.scale.dtype == torch.bfloat16
     assert torch.equal(loaded.scale, net.scale)
@@ -150,7 +150,7 @@ def test_added_and_removed_tensors_round_trip(net, image, tmp_path):
     path = save(net, tmp_path / "tensors.cml")
     ops = {(t["op"], t["module"]) for t in read_manifest(path)["transforms"]}
     assert ops == {("add_tensor", "mixer"), ("remove_tensor", "mixer")}
-    loaded = load(path)
+    loaded = load(path, trust_factory=True)
     assert torch.equal(loaded.mixer.mask, net.mixer.mask) and loaded.mixer.mask.dtype == torch.bool
     assert loaded.mixer.offset is None and "mixer.offset" not in loaded.state_dict()
     assert torch.equal(loaded(image), net(image))
@@ -174,7 +174,7 @@ def test_unsupported_changed_module_is_refused(net, tmp_path):
 def test_refuses_to_overwrite_the_loaded_file(net, tmp_path):
     path = save(net, tmp_path / "net.cml")
     before = path.read_bytes()
-    loaded = load(path)
+    loaded = load(path, trust_factory=True)
     loaded.fc2.weight.data.zero_()
     with pytest.raises(CompactMLError, match="input file"):
         save(loaded, path)

@@ -49,7 +49,7 @@ def test_bert_masked_lm_round_trips_with_tied_embeddings(bert_file, tmp_path, pe
     manifest = read_manifest(path)
     assert manifest["aliases"][decoder] == embeddings
     assert manifest["transforms"] == []
-    loaded = load(path)
+    loaded = load(path, trust_factory=True)
     assert loaded.cls.predictions.decoder.weight is loaded.bert.embeddings.word_embeddings.weight
     ids = torch.tensor([[1, 5, 7, 9, 2]])
     with torch.no_grad():
@@ -68,7 +68,8 @@ def test_bert_encoder_with_shrunk_layer_and_skeleton(bert_file, tmp_path, pertur
     modules = [t["module"] for t in read_manifest(path)["transforms"]]
     assert modules == ["encoder.layer.0.intermediate.dense", "encoder.layer.0.output.dense"]
     ids = torch.tensor([[3, 4, 5, 6]])
-    for loaded in (load(path), load(path, model=load_factory(f"{bert_file}:encoder")[0])):
+    skeleton = load_factory(f"{bert_file}:encoder")[0]
+    for loaded in (load(path, trust_factory=True), load(path, model=skeleton)):
         assert "embeddings.position_ids" not in loaded.state_dict()
         assert loaded.encoder.layer[0].intermediate.dense.out_features == 20
         with torch.no_grad():

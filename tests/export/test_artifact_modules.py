@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,14 +14,8 @@ from torch import nn
 from compactml.errors import CompactMLError
 from compactml.export import modules
 from compactml.export.artifact import load, read_manifest, save
-from compactml.export.modules import (
-    MODULE_TYPES,
-    SpecLayer,
-    apply_transforms,
-    build_module,
-    describe_module,
-    plan_transforms,
-)
+from compactml.export.modules import MODULE_TYPES, SpecLayer, build_module, describe_module
+from compactml.export.transforms import apply_transforms, plan_transforms
 
 CUSTOM_LAYER = textwrap.dedent(
     """
@@ -95,10 +90,14 @@ def test_unknown_transform_is_a_clear_load_error(tmp_path):
     with pytest.raises(ValueError, match="unknown transform"):
         apply_transforms(nn.Linear(2, 2), [{"op": "explode", "module": ""}])
     with pytest.raises(ValueError, match="does not exist"):
-        apply_transforms(nn.Sequential(), [{"op": "set", "module": "a", "attr": "x", "value": 1}])
+        apply_transforms(
+            nn.Sequential(),
+            [{"op": "set", "module": "a", "attr": "x", "value": 1, "tuple": False}],
+        )
     with pytest.raises(ValueError, match="cannot be set"):
         apply_transforms(
-            nn.Linear(2, 2), [{"op": "set", "module": "", "attr": "weight", "value": 1}]
+            nn.Linear(2, 2),
+            [{"op": "set", "module": "", "attr": "weight", "value": 1, "tuple": False}],
         )
 
 
@@ -122,12 +121,12 @@ def test_self_describing_layer_round_trips(net, image, tmp_path, monkeypatch, pe
             },
         }
     ]
-    loaded = load(path)
+    loaded = load(path, trust_factory=True)
     assert type(loaded.fc1) is layer_cls
     assert torch.equal(loaded(image), net(image))
     monkeypatch.delitem(modules.MODULE_TYPES, "ScaledLinear")
     with pytest.raises(CompactMLError, match="'ScaledLinear'.*upgrade compactml"):
-        load(path)
+        load(path, trust_factory=True)
     with pytest.raises(CompactMLError, match="'fc1' of type ScaledLinear"):
         save(net, tmp_path / "again.cml")
 
@@ -136,8 +135,29 @@ def test_changed_factory_file_is_reported(net, image, factory_file, tmp_path):
     path = save(net, tmp_path / "net.cml")
     factory_file.write_text(factory_file.read_text() + "\n# edited\n")
     with pytest.raises(CompactMLError, match="changed since"):
-        load(path)
+        load(path, trust_factory=True)
     with pytest.raises(CompactMLError, match="cannot save"):
         save(net, tmp_path / "again.cml")
     skeleton = load(path, model=type(net)())
     assert torch.equal(skeleton(image), net(image))
+
+
+def test_spec_layer_from_an_importable_module_round_trips(net, image, tmp_path, monkeypatch):
+    """A layer registered as SpecLayer("module:Class") is described by its own spec, rebuilt
+    with from_compactml_spec, and filled bit-exact (mask and scale included)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.delitem(sys.modules, "spec_layer_fixture", raising=False)
+    layer_cls = importlib.import_module("spec_layer_fixture").MaskedLinear
+    monkeypatch.setitem(MODULE_TYPES, "MaskedLinear", SpecLayer("spec_layer_fixture:MaskedLinear"))
+    net.fc2 = layer_cls(8, 3, 0.25)
+    with torch.no_grad():
+        net.fc2.weight.copy_(torch.randn(3, 8, generator=torch.Generator().manual_seed(7)))
+        net.fc2.mask.copy_(torch.tensor([[True, False, True, True, False, True, False, True]] * 3))
+    assert not net.fc2.mask.all()  # a default (all-ones) mask would change the output
+    path = save(net, tmp_path / "masked.cml")
+    spec = {"type": "MaskedLinear", "args": {"in_features": 8, "out_features": 3, "scale": 0.25}}
+    assert read_manifest(path)["transforms"] == [{"op": "replace", "module": "fc2", "spec": spec}]
+    loaded = load(path, trust_factory=True)
+    assert type(loaded.fc2) is layer_cls and loaded.fc2.scale == 0.25
+    assert torch.equal(loaded.fc2.mask, net.fc2.mask) and loaded.fc2.mask.dtype == torch.bool
+    assert torch.equal(loaded(image), net(image))

@@ -10,6 +10,7 @@ import torch
 
 from compactml.errors import ArtifactError, SignatureError
 from compactml.export.artifact import artifact_bytes, load
+from compactml.export.manifest import HEADER_DIGEST_KEY, header_digest
 from compactml.export.signing import generate_keypair
 
 
@@ -24,7 +25,7 @@ def refused(path, data: bytes, **kwargs) -> bool:
     """True when loading ``data`` raises ArtifactError (SignatureError is one)."""
     path.write_bytes(data)
     try:
-        load(path, **kwargs)
+        load(path, **kwargs, trust_factory=True)
     except ArtifactError:
         return True
     return False
@@ -41,7 +42,7 @@ def named_positions(data: bytes) -> dict[str, int]:
         "metadata key": header.index(b"__metadata__") + 3,
         "manifest text": header.index(b"tensor_sha256") + 20,
         "transforms in manifest": header.index(b"transforms"),
-        "manifest digest": header.index(b"compactml.manifest_sha256") + 30,
+        "header digest": header.index(b"compactml.header_sha256") + 28,
         "tensor dtype": header.index(b'"F32"') + 2,
         "tensor shape": header.index(b'"shape":[') + 9,
         "data offsets": header.index(b'"data_offsets":[') + 17,
@@ -75,16 +76,32 @@ def test_every_bit_flip_in_a_signed_file_is_refused(net, tmp_path):
     assert loaded_anyway == []
 
 
-def test_every_bit_flip_in_the_header_of_an_unsigned_file_is_refused(net, tmp_path):
-    data = artifact_bytes(net)
+def header_flips_loaded_anyway(tmp_path, data: bytes) -> list[int]:
+    """Header positions where flipping one bit still gives a file that loads without a key."""
     header_end = 8 + int.from_bytes(data[:8], "little")
     assert not refused(tmp_path / "x.cml", data)
-    loaded_anyway = [
+    return [
         position
         for position in range(header_end)
         if not refused(tmp_path / "x.cml", flip(data, position, (position + 3) % 8))
     ]
-    assert loaded_anyway == []
+
+
+def test_every_bit_flip_in_the_header_of_an_unsigned_file_is_refused(net, tmp_path):
+    assert header_flips_loaded_anyway(tmp_path, artifact_bytes(net)) == []
+
+
+def test_every_bit_flip_in_the_header_of_a_signed_file_is_refused_without_a_key(net, tmp_path):
+    """The signature and key id are covered by the header digest even when nobody checks them."""
+    private, _ = generate_keypair()
+    data = artifact_bytes(net, sign_key=private)
+    header = data[: 8 + int.from_bytes(data[:8], "little")]
+    signature_at = header.index(b'"compactml.signature":"') + 23
+    key_id_at = header.index(b'"compactml.key_id":"') + 20
+    for position in (signature_at, signature_at + 127, key_id_at, key_id_at + 15):
+        for bit in range(8):
+            assert refused(tmp_path / "x.cml", flip(data, position, bit)), (position, bit)
+    assert header_flips_loaded_anyway(tmp_path, data) == []
 
 
 def test_consistent_forgery_is_caught_by_the_signature(net, tmp_path, perturb):
@@ -98,8 +115,10 @@ def test_consistent_forgery_is_caught_by_the_signature(net, tmp_path, perturb):
     metadata = json.loads(forged[8 : 8 + int.from_bytes(forged[:8], "little")])["__metadata__"]
     metadata["compactml.signature"] = signed_meta["compactml.signature"]
     metadata["compactml.key_id"] = signed_meta["compactml.key_id"]
+    metadata[HEADER_DIGEST_KEY] = header_digest(metadata)
     path = tmp_path / "forged.cml"
     path.write_bytes(safetensors.torch.save(tensors, metadata=metadata))
-    assert isinstance(load(path), torch.nn.Module)  # digests match: only a key can tell
+    # The digests match: only a key can tell.
+    assert isinstance(load(path, trust_factory=True), torch.nn.Module)
     with pytest.raises(SignatureError, match="changed after signing"):
-        load(path, verify_key=public)
+        load(path, verify_key=public, trust_factory=True)

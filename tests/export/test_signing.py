@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,9 +103,9 @@ def test_bad_keys_give_clear_errors(tmp_path):
 def test_signed_round_trip(net, image, tmp_path):
     private_path, public_path = write_keypair(tmp_path / "key")
     path = save(net, tmp_path / "net.cml", sign_key=private_path)
-    loaded = load(path, verify_key=public_path)
+    loaded = load(path, verify_key=public_path, trust_factory=True)
     assert torch.equal(loaded(image), net(image))
-    assert load(path) is not None  # a signed file also loads without a key
+    assert load(path, trust_factory=True) is not None  # a signed file also loads without a key
     with safe_open(str(path), "pt") as handle:
         assert handle.metadata()["compactml.key_id"] == key_id(public_path)
 
@@ -151,3 +153,51 @@ def test_sign_artifact_refuses_its_input_as_output(net, tmp_path):
         sign_artifact(src, tmp_path / "signed.cml", private.public_key())
     assert src.read_bytes() == before
     assert not (tmp_path / "signed.cml").exists()
+
+
+def test_write_keypair_never_exposes_the_private_key(tmp_path, monkeypatch):
+    """The private key's file is already 0600 when it is renamed into place."""
+    modes = {}
+    real_replace = os.replace
+
+    def spy(src, dst):
+        modes[Path(dst).name] = stat.S_IMODE(os.stat(src).st_mode)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    private_path, public_path = write_keypair(tmp_path / "k")
+    assert modes == {"k": 0o600, "k.pub": 0o644}
+    assert stat.S_IMODE(private_path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(public_path.stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("as_text", [False, True], ids=["path", "str"])
+def test_sign_artifact_refuses_to_overwrite_its_key(net, tmp_path, as_text):
+    private_path, public_path = write_keypair(tmp_path / "k1")
+    key = str(private_path) if as_text else private_path
+    src = save(net, tmp_path / "net.cml")
+    before = private_path.read_bytes()
+    with pytest.raises(CompactMLError, match="choose a different output path"):
+        sign_artifact(src, key, key)
+    assert private_path.read_bytes() == before
+    with pytest.raises(CompactMLError, match="is not a compactml artifact; choose a new"):
+        sign_artifact(src, public_path, key)
+    assert b"PUBLIC KEY" in public_path.read_bytes()
+
+
+def test_sign_artifact_refuses_any_existing_non_artifact(net, tmp_path):
+    private, public = generate_keypair()
+    src = save(net, tmp_path / "net.cml")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    with pytest.raises(CompactMLError, match=r"notes\.txt exists and is not a compactml artifact"):
+        sign_artifact(src, notes, private)
+    assert notes.read_text() == "keep me"
+    other_key, _ = write_keypair(tmp_path / "other")
+    with pytest.raises(CompactMLError, match="not a compactml artifact"):
+        sign_artifact(src, other_key, private)  # a key file given as output, key as an object
+    assert b"PRIVATE KEY" in other_key.read_bytes()
+    # An existing artifact may be replaced by its signed copy.
+    old = save(net, tmp_path / "old.cml", metrics={"accuracy": 0.1})
+    sign_artifact(src, old, private)
+    assert verify_artifact(old, public) == read_manifest(src)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from compactml.errors import CompactMLError
-from compactml.profile.latency import evaluating, measure_latency, percentile
+from compactml.profile.latency import measure_latency, percentile
 
 
 def test_latency_fields_are_positive_ordered_and_threads_recorded():
@@ -19,11 +19,13 @@ def test_latency_fields_are_positive_ordered_and_threads_recorded():
     assert model.training and model[1].training
 
 
-def test_evaluating_restores_each_modules_own_flag():
+def test_measures_in_eval_mode_and_restores_each_modules_own_flag():
     model = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).train()
     model[0].eval()
-    with evaluating(model):
-        assert not any(m.training for m in model.modules())
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append([x.training for x in m.modules()]))
+    measure_latency(model, torch.randn(1, 2), repeats=2, warmup=1)
+    assert seen == [[False, False, False]] * 3
     assert [m.training for m in model.modules()] == [True, False, True]
 
 

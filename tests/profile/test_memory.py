@@ -1,5 +1,6 @@
 """Peak activation memory: tensor lifetimes in the traced graph, checked against hand counts."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -129,3 +130,35 @@ def test_fx_fallback_gives_the_same_hand_counts(monkeypatch):
     assert peak_activation(ViewSkip().eval(), x).peak_bytes == 3 * tensor
     relu = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(inplace=True)).eval()
     assert peak_activation(relu, x).peak_bytes == 2 * tensor
+
+
+class Add(nn.Module):
+    """Two inputs added: peak = both inputs + the sum."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+
+class Sorted(nn.Module):
+    """``torch.sort`` gives one node with a tuple output (float values + int64 indices)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        values, indices = torch.sort(x)
+        return values + indices
+
+
+@pytest.mark.parametrize("fx_only", [False, True])
+def test_tuple_and_dict_inputs_and_tuple_outputs_are_counted(monkeypatch, fx_only):
+    if fx_only:
+        monkeypatch.setattr(memory_module, "_export_steps", lambda *args: 1 / 0)
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    tensor = 16 * F32
+    for inputs in ((a, b), [a, b], {"a": a, "b": b}, {"b": b, "a": a}):
+        memory = peak_activation(Add(), inputs)
+        assert memory.method == ("torch.fx" if fx_only else "torch.export")
+        assert (memory.peak_bytes, memory.input_bytes) == (3 * tensor, 2 * tensor)
+    # x + (values, indices) at the sort step; (values, indices) + sum at the add step.
+    sort_out = tensor + 16 * 8
+    memory = peak_activation(Sorted(), a)
+    assert memory.peak_bytes == tensor + sort_out
+    assert memory.activation_bytes == sort_out + tensor

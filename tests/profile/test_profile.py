@@ -148,9 +148,13 @@ def test_untraceable_model_still_profiles_with_a_note():
     assert result.macs == 2 * 4 * 4
 
 
-def test_unknown_device_is_a_user_error():
+def test_unknown_device_is_a_user_error_before_any_measuring():
+    model = nn.Linear(2, 2)
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
     with pytest.raises(CompactMLError, match="unknown device 'toaster'"):
-        profile(nn.Linear(2, 2), torch.randn(1, 2), target="toaster", latency=False)
+        profile(model, torch.randn(1, 2), target="toaster")
+    assert calls == []
 
 
 def test_wrong_shaped_input_is_a_user_error():

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from compactml.report import render_charts
-from compactml.report.plots import accuracy_vs_noise_png, per_layer_size_png
+from compactml.report.plots import accuracy_vs_noise_png, byte_unit, per_layer_size_png
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -13,6 +13,15 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def _size(png: bytes) -> tuple[int, int]:
     assert png.startswith(PNG_SIGNATURE)
     return struct.unpack(">II", png[16:24])  # width, height from the IHDR chunk
+
+
+def test_byte_unit_is_the_unit_the_tables_use():
+    assert byte_unit(1023) == (1.0, "B")
+    assert byte_unit(1536) == (1024.0, "KiB")
+    assert byte_unit(1024**2 - 1) == (1024.0**2, "MiB")  # as human_bytes rounds: "1.00 MiB"
+    assert byte_unit(-2048) == (1024.0, "KiB")
+    assert byte_unit(5 * 1024**4) == (1024.0**4, "TiB")
+    assert byte_unit(1024**7) == (1024.0**5, "PiB")
 
 
 def test_per_layer_chart_grows_with_layers_up_to_the_top_25(make_report):

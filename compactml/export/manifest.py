@@ -1,0 +1,247 @@
+"""The header of a ``.cml`` artifact: its metadata entries and the manifest, written and checked.
+
+The safetensors header metadata of an artifact holds string values only:
+
+- ``compactml.manifest``: canonical JSON (see ``manifest_text``) with the format version, the
+  tool version, the model's source, the transforms from base to model, per-layer records,
+  aliases of tied tensors, optional metrics, and ``tensor_sha256`` (a digest of the tensors);
+- ``compactml.signature`` and ``compactml.key_id`` (optional): an ed25519 signature of the
+  manifest bytes (128 lowercase hex digits) and the signer's fingerprint (16 hex digits);
+- ``compactml.header_sha256``: SHA-256 over every other entry (``header_digest``), so a change
+  anywhere in the metadata, the signature included, is caught with or without a key.
+
+Reading checks everything before anything is built: the digest, the format of each entry, the
+type of every manifest field, the keys each kind of source needs, and the shape of every
+transform. A header from a newer compactml (an unknown ``compactml.*`` entry, manifest field,
+source kind or transform, or a newer format version) asks for an upgrade instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from compactml.errors import ArtifactError, CompactMLError, first_line
+from compactml.export.transforms import TRANSFORM_FIELDS, check_transform
+
+FORMAT = "compactml.artifact"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+MANIFEST_KEY = "compactml.manifest"
+HEADER_DIGEST_KEY = "compactml.header_sha256"
+SIGNATURE_KEY = "compactml.signature"
+KEY_ID_KEY = "compactml.key_id"
+_ENTRY_FORMATS = {
+    HEADER_DIGEST_KEY: "[0-9a-f]{64}",
+    SIGNATURE_KEY: "[0-9a-f]{128}",
+    KEY_ID_KEY: "[0-9a-f]{16}",
+}
+_MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "format": str,
+    "format_version": int,
+    "tool_version": str,
+    "source": (dict, type(None)),
+    "transforms": list,
+    "layers": dict,
+    "aliases": dict,
+    "metrics": (dict, type(None)),
+    "tensor_sha256": str,
+}
+# The keys each kind of source needs (see compactml.source), with their JSON types.
+SOURCE_FIELDS: dict[str, dict[str, type]] = {
+    "builtin": {"name": str},
+    "factory": {"spec": str, "path": str, "sha256": str},
+    "hf": {"path": str, "class": str, "config": dict},
+}
+_MAX_HEADER = 100 * 2**20  # safetensors refuses larger headers too
+
+
+def not_artifact(name: str) -> ArtifactError:
+    """The error for a file that is no artifact at all, or a cut-off one."""
+    return ArtifactError(
+        f"{name} is not a compactml artifact or is truncated; re-create or re-download it"
+    )
+
+
+def damaged(name: str, what: str) -> ArtifactError:
+    """The error for an artifact whose content does not check out."""
+    return ArtifactError(f"{name} is damaged ({what}); re-create or re-download it")
+
+
+def newer(name: str, what: str) -> ArtifactError:
+    """The error for an artifact that uses something only a newer compactml knows."""
+    return ArtifactError(
+        f"{name} was written by a newer compactml ({what}); upgrade compactml to load it"
+    )
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` hook refusing duplicate keys, which would hide one of the values."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key in a JSON object")
+    return out
+
+
+def strict_json(text: str | bytes) -> Any:
+    """Parse JSON, refusing duplicate keys and NaN/Infinity; raises ValueError."""
+
+    def refuse_constant(token: str) -> Any:
+        raise ValueError(f"{token} is not JSON")
+
+    return json.loads(text, object_pairs_hook=_unique_object, parse_constant=refuse_constant)
+
+
+def _json_value(value: Any) -> Any:
+    if callable(getattr(value, "tolist", None)):
+        return value.tolist()  # numpy and torch scalars or arrays in metrics
+    raise TypeError(f"{type(value).__name__} is not a JSON value")
+
+
+def manifest_text(manifest: dict[str, Any]) -> str:
+    """Canonical JSON of the manifest: sorted keys, no spaces, ASCII only.
+
+    Numpy and torch numbers become JSON numbers. Raises TypeError or ValueError for values
+    that are not finite JSON.
+    """
+    return json.dumps(
+        manifest,
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=True,
+        allow_nan=False,
+        default=_json_value,
+    )
+
+
+def header_digest(metadata: dict[str, str]) -> str:
+    """Hex SHA-256 over every metadata entry except the digest itself (canonical JSON)."""
+    entries = {k: v for k, v in metadata.items() if k != HEADER_DIGEST_KEY}
+    text = json.dumps(entries, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def header_metadata(
+    manifest: str, signature: str | None = None, signer: str | None = None
+) -> dict[str, str]:
+    """The metadata entries of an artifact: the manifest, optional signature, and digest."""
+    metadata = {MANIFEST_KEY: manifest}
+    if signature is not None and signer is not None:
+        metadata[SIGNATURE_KEY] = signature
+        metadata[KEY_ID_KEY] = signer
+    metadata[HEADER_DIGEST_KEY] = header_digest(metadata)
+    return metadata
+
+
+def _raw_metadata(data: bytes, name: str) -> dict[str, Any]:
+    """The ``__metadata__`` object of a safetensors header that holds a compactml manifest."""
+    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if size < 2 or 8 + size > len(data):
+        raise not_artifact(name)
+    try:
+        header = strict_json(data[8 : 8 + size].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise not_artifact(name) from exc
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or MANIFEST_KEY not in metadata:
+        raise not_artifact(name)
+    return metadata
+
+
+def read_header(data: bytes, name: str) -> dict[str, str]:
+    """The checked metadata entries of artifact bytes ``data`` (``name`` names it in errors)."""
+    metadata = _raw_metadata(data, name)
+    if not all(isinstance(value, str) for value in metadata.values()):
+        raise damaged(name, "a header entry is not a string")
+    digest = metadata.get(HEADER_DIGEST_KEY)
+    if digest is None:
+        raise damaged(name, f"the header has no {HEADER_DIGEST_KEY}")
+    if digest != header_digest(metadata):
+        raise damaged(name, "the header does not match its SHA-256")
+    for key in metadata:
+        if key != MANIFEST_KEY and key not in _ENTRY_FORMATS:
+            if key.startswith("compactml."):
+                raise newer(name, f"header entry {key[:40]!r}")
+            raise damaged(name, f"unexpected header entry {key[:40]!r}")
+    for key, pattern in _ENTRY_FORMATS.items():
+        if key in metadata and re.fullmatch(pattern, metadata[key]) is None:
+            raise damaged(name, f"header entry {key} is not {pattern}")
+    if (SIGNATURE_KEY in metadata) != (KEY_ID_KEY in metadata):
+        raise damaged(name, "a signature needs both compactml.signature and compactml.key_id")
+    return metadata
+
+
+def _check_source(source: dict[str, Any] | None, name: str) -> None:
+    if source is None:
+        return
+    kind = source.get("kind")
+    if not isinstance(kind, str):
+        raise damaged(name, "the manifest's source has no kind")
+    if kind not in SOURCE_FIELDS:
+        raise newer(name, f"source kind {kind[:40]!r}")
+    for key, kind_type in SOURCE_FIELDS[kind].items():
+        if not isinstance(source.get(key), kind_type):
+            raise damaged(name, f"the {kind} source's {key!r} is missing or invalid")
+
+
+def _check_transforms(transforms: list[Any], name: str) -> None:
+    for index, op in enumerate(transforms):
+        kind = op.get("op") if isinstance(op, dict) else None
+        if isinstance(kind, str) and kind not in TRANSFORM_FIELDS:
+            raise newer(name, f"transform {kind[:40]!r}")
+        try:
+            check_transform(op)
+        except (ValueError, TypeError) as exc:
+            raise damaged(name, f"transform {index} is invalid: {first_line(exc)}") from exc
+
+
+def _check_fields(manifest: dict[str, Any], name: str) -> None:
+    version = manifest.get("format_version")
+    if type(version) is int and version > FORMAT_VERSION:
+        raise newer(name, f"format version {version}; this one reads {FORMAT_VERSION}")
+    if type(version) is not int or version not in SUPPORTED_VERSIONS:
+        raise damaged(name, f"format version {str(version)[:20]} is not one compactml writes")
+    unknown = sorted(set(manifest) - set(_MANIFEST_FIELDS))
+    if unknown:
+        raise newer(name, f"manifest field {unknown[0][:40]!r}")
+    for field, kind in _MANIFEST_FIELDS.items():
+        if field not in manifest or not isinstance(manifest[field], kind):
+            raise damaged(name, f"manifest field {field!r} is missing or invalid")
+    aliases = manifest["aliases"].items()
+    if not all(isinstance(target, str) for _, target in aliases):
+        raise damaged(name, "an alias does not name a tensor")
+    if re.fullmatch("[0-9a-f]{64}", manifest["tensor_sha256"]) is None:
+        raise damaged(name, "manifest field 'tensor_sha256' is not a SHA-256")
+
+
+def parse_manifest(text: str, name: str) -> dict[str, Any]:
+    """The manifest as a dict, with every field, the source and each transform checked."""
+    try:
+        manifest = strict_json(text)
+    except ValueError as exc:
+        raise damaged(name, "the manifest is not JSON") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise not_artifact(name)
+    _check_fields(manifest, name)
+    _check_source(manifest["source"], name)
+    _check_transforms(manifest["transforms"], name)
+    return manifest
+
+
+def is_artifact(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a file whose header holds a compactml manifest (damaged or not)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if not 2 <= size <= _MAX_HEADER:
+                return False
+            data = size.to_bytes(8, "little") + handle.read(size)
+        _raw_metadata(data, str(path))
+    except (OSError, CompactMLError):
+        return False
+    return True
