@@ -10,13 +10,17 @@ from compactml.export.artifact import load, read_manifest, save, sign_artifact, 
 from compactml.export.signing import generate_keypair, write_keypair
 from compactml.profile import Profile, profile
 from compactml.profile.targets import load_targets
+from compactml.quantize import Half, WeightOnly, quantize
 from compactml.task import Task
+from compactml.techniques import TECHNIQUES
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "TECHNIQUES",
     "ArtifactError",
     "CompactMLError",
+    "Half",
     "Metrics",
     "Profile",
     "SignatureError",
@@ -28,9 +32,11 @@ __all__ = [
     "load",
     "load_targets",
     "profile",
+    "quantize",
     "read_manifest",
     "save",
     "sign_artifact",
     "verify_artifact",
+    "WeightOnly",
     "write_keypair",
 ]

@@ -140,6 +140,10 @@ MODULE_TYPES: dict[str, TorchLayer | SpecLayer] = {
     "AvgPool2d": TorchLayer(nn.AvgPool2d, _AVGPOOL + ("divisor_override",)),
     "AdaptiveAvgPool1d": TorchLayer(nn.AdaptiveAvgPool1d, ("output_size",)),
     "AdaptiveAvgPool2d": TorchLayer(nn.AdaptiveAvgPool2d, ("output_size",)),
+    # compactml's compressed layers describe and rebuild themselves.
+    "QuantLinear": SpecLayer("compactml.quantize.modules:QuantLinear"),
+    "QuantConv2d": SpecLayer("compactml.quantize.modules:QuantConv2d"),
+    "QuantEmbedding": SpecLayer("compactml.quantize.modules:QuantEmbedding"),
     # Containers are built empty; their children follow as transforms of their own.
     "Sequential": TorchLayer(nn.Sequential),
     "ModuleList": TorchLayer(nn.ModuleList),

@@ -1,0 +1,52 @@
+"""``TECHNIQUES``: the one literal table from recipe names to technique config classes.
+
+``- weight_only: {bits: 4, group_size: 32}`` in a recipe is ``WeightOnly(bits=4, group_size=32)``;
+the same names appear in the CLI and in reports. Unknown names and unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from compactml.config import Technique
+from compactml.errors import CompactMLError
+from compactml.quantize.weight_only import Half, WeightOnly
+
+TECHNIQUES: dict[str, type[Technique]] = {
+    "weight_only": WeightOnly,
+    "half": Half,
+}
+
+
+def technique_from_dict(name: str, params: dict[str, Any] | None = None) -> Technique:
+    """The config called ``name`` in ``TECHNIQUES``, built from ``params`` (a recipe's dict)."""
+    cls = TECHNIQUES.get(name)
+    if cls is None:
+        raise CompactMLError(
+            f"unknown technique {name!r}; use one of {', '.join(sorted(TECHNIQUES))}"
+        )
+    params = {} if params is None else params
+    if not isinstance(params, dict):
+        raise CompactMLError(
+            f"the parameters of {name} must be a mapping such as {{bits: 4}}, got "
+            f"{type(params).__name__}"
+        )
+    valid = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise CompactMLError(
+            f"unknown parameter(s) {', '.join(map(str, unknown))} for {name}; "
+            f"valid ones are {', '.join(valid)}"
+        )
+    return cls(**params)
+
+
+def technique_name(config: Technique) -> str:
+    """The recipe name of ``config``'s class in ``TECHNIQUES``."""
+    for name, cls in TECHNIQUES.items():
+        if type(config) is cls:
+            return name
+    raise CompactMLError(
+        f"{type(config).__name__} is not in TECHNIQUES; add it to compactml/techniques.py"
+    )
