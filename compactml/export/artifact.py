@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from compactml.checks import check_finite
+from compactml.config import HISTORY_ATTR, history
 from compactml.errors import ArtifactError, CompactMLError, first_line
 from compactml.export.manifest import (
     FORMAT,
@@ -108,7 +109,7 @@ def artifact_bytes(
         "tool_version": _tool_version(),
         "source": source,
         "transforms": transforms,
-        "layers": {},
+        "history": history(model),
         "aliases": aliases,
         "metrics": metrics,
         "tensor_sha256": tensor_sha256(tensors),
@@ -289,6 +290,7 @@ def load(
     source = manifest["source"] if manifest["source"] is not None else get_source(skeleton)
     set_source(skeleton, source, path=path)
     object.__setattr__(skeleton, UNTRUSTED_ATTR, untrusted)
+    object.__setattr__(skeleton, HISTORY_ATTR, manifest["history"])
     return skeleton.eval()
 
 

@@ -46,7 +46,7 @@ _MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
     "tool_version": str,
     "source": (dict, type(None)),
     "transforms": list,
-    "layers": dict,
+    "history": list,
     "aliases": dict,
     "metrics": (dict, type(None)),
     "tensor_sha256": str,

@@ -47,7 +47,7 @@ def test_file_is_safetensors_with_manifest(net, tmp_path):
     assert manifest["tool_version"] == "0.1.0"
     assert manifest["source"] == get_source(net)
     assert manifest["metrics"] == {"accuracy": 0.75, "n": 3}
-    assert manifest["layers"] == {} and manifest["aliases"] == {}
+    assert manifest["history"] == [] and manifest["aliases"] == {}
     assert manifest["tensor_sha256"] == tensor_sha256(state)
     assert read_manifest(path) == manifest
 

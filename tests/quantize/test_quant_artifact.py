@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from compactml.config import history
 from compactml.export.artifact import artifact_bytes, load, save
 from compactml.profile import profile
 from compactml.quantize import Half, WeightOnly, quantize
@@ -53,6 +54,15 @@ def test_quantized_layers_appear_in_the_loaded_tree(factory, tmp_path):
     tokens = quantize(factory("tokens"), WeightOnly(bits=4, group_size=16))
     loaded = load(save(tokens, tmp_path / "t.cml"), trust_factory=True)
     assert isinstance(loaded.embed, QuantEmbedding) and loaded.embed.padding_idx == 0
+
+
+def test_history_of_techniques_survives_the_artifact(factory, tmp_path):
+    with pytest.warns(UserWarning):
+        quantized = quantize(factory("conv"), WeightOnly(bits=4, group_size=16))
+    before = history(quantized)
+    assert before[0]["technique"] == "WeightOnly" and "conv1" in before[0]["skipped"]
+    loaded = load(save(quantized, tmp_path / "q.cml"), trust_factory=True)
+    assert history(loaded) == before
 
 
 def test_int4_group32_artifact_is_at_most_017_of_fp32(factory):
