@@ -10,7 +10,7 @@ from compactml.export.artifact import load, read_manifest, save, sign_artifact, 
 from compactml.export.signing import generate_keypair, write_keypair
 from compactml.profile import Profile, profile
 from compactml.profile.targets import load_targets
-from compactml.quantize import Half, WeightOnly, quantize
+from compactml.quantize import QAT, Half, MixedPrecision, WeightOnly, quantize
 from compactml.task import Task
 from compactml.techniques import TECHNIQUES
 
@@ -22,7 +22,9 @@ __all__ = [
     "CompactMLError",
     "Half",
     "Metrics",
+    "MixedPrecision",
     "Profile",
+    "QAT",
     "SignatureError",
     "Task",
     "__version__",

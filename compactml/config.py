@@ -110,15 +110,18 @@ def record(
     technique: Technique,
     changed: list[str],
     skipped: dict[str, str] | None = None,
+    details: dict[str, Any] | None = None,
 ) -> None:
-    """Append what ``technique`` did to ``model``'s history: the layers it ``changed`` and the
-    ones it ``skipped`` (name -> reason), for reports."""
+    """Append what ``technique`` did to ``model``'s history: the layers it ``changed``, the
+    ones it ``skipped`` (name -> reason), and any JSON-able ``details`` (e.g. a per-layer plan),
+    for reports."""
     entry = {
         "technique": type(technique).__name__,
         "family": technique.family,
         "params": technique.params(),
         "changed": list(changed),
         "skipped": dict(skipped or {}),
+        **(details or {}),
     }
     object.__setattr__(model, HISTORY_ATTR, history(model) + [entry])
 

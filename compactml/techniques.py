@@ -11,11 +11,15 @@ from typing import Any
 
 from compactml.config import Technique
 from compactml.errors import CompactMLError
+from compactml.quantize.mixed import MixedPrecision
+from compactml.quantize.qat import QAT
 from compactml.quantize.weight_only import Half, WeightOnly
 
 TECHNIQUES: dict[str, type[Technique]] = {
     "weight_only": WeightOnly,
     "half": Half,
+    "mixed_precision": MixedPrecision,
+    "qat": QAT,
 }
 
 

@@ -1,7 +1,8 @@
 """``quantize(model, config, task=None)``: the quantization family's verb, and its configs.
 
 The verb is thin: it checks that ``config`` is a quantization technique and calls
-``config.apply(model, task)``. The math lives in ``affine.py`` (and ``clip.py``), compressed
+``config.apply(model, task)``. The math lives in ``affine.py`` (and ``clip.py``; activations in
+``act.py``; quantization-aware training in ``qat.py``), compressed
 weights are plain ``QWeight`` data (``qweight.py``), and the layers that hold them are in
 ``modules.py``.
 """
@@ -12,15 +13,21 @@ from torch import nn
 
 from compactml.config import Technique
 from compactml.errors import CompactMLError
+from compactml.quantize.act import ActQuant
 from compactml.quantize.affine import FloatScheme, PerChannel, PerGroup, PerTensor, QScheme
+from compactml.quantize.mixed import MixedPrecision
 from compactml.quantize.modules import QuantConv2d, QuantEmbedding, QuantLinear
+from compactml.quantize.qat import QAT, fold_batchnorm
 from compactml.quantize.qweight import QWeight
 from compactml.quantize.weight_only import Half, WeightOnly
 from compactml.task import Task
 
 __all__ = [
+    "QAT",
+    "ActQuant",
     "FloatScheme",
     "Half",
+    "MixedPrecision",
     "PerChannel",
     "PerGroup",
     "PerTensor",
@@ -30,6 +37,7 @@ __all__ = [
     "QuantEmbedding",
     "QuantLinear",
     "WeightOnly",
+    "fold_batchnorm",
     "quantize",
 ]
 

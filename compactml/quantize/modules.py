@@ -8,8 +8,13 @@ buffers on every call (nothing cached, nothing extra saved) and runs the float o
 stay float32 and outputs equal the float op on :meth:`QuantWeightMixin.qweight_data`'s
 dequantized weight exactly.
 
+``QuantLinear`` and ``QuantConv2d`` may hold an ``input_quant`` child
+(:class:`~compactml.quantize.act.ActQuant`, None by default) that fake-quantizes the input before
+the float op: static and QAT models quantize activations too.
+
 ``compactml_spec()`` / ``from_compactml_spec(args)`` describe and rebuild a layer for the
-artifact (``SpecLayer`` in ``compactml/export/modules.py``).
+artifact (``SpecLayer`` in ``compactml/export/modules.py``); the spec records the input
+quantizer's ``bits`` and ``signed`` (its scale and zero point are buffers, stored as tensors).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compactml.errors import CompactMLError
+from compactml.quantize.act import ActQuant
 from compactml.quantize.affine import Scheme, scheme_from_dict
 from compactml.quantize.qweight import QWeight
 from compactml.task import tensor_nbytes
@@ -84,6 +90,29 @@ def _float_args(
     return weight, bias
 
 
+def _quant_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` through the layer's ``input_quant`` when it has one."""
+    quant = layer.input_quant
+    return x if quant is None else quant(x)
+
+
+def _input_quant_spec(layer: nn.Module) -> dict[str, Any]:
+    """``{"input_quant": {"bits", "signed"}}`` when the layer has one, else ``{}`` (older
+    artifacts, and layers without one, carry no such key)."""
+    quant = layer.input_quant
+    if quant is None:
+        return {}
+    return {"input_quant": {"bits": quant.bits, "signed": quant.signed}}
+
+
+def _attach_input_quant(layer: nn.Module, spec: dict[str, Any] | None) -> nn.Module:
+    """Give ``layer`` an empty ``ActQuant`` described by ``spec`` (scale and zero point are
+    filled by load_state_dict); returns ``layer``."""
+    if spec is not None:
+        layer.input_quant = ActQuant(bits=int(spec["bits"]), signed=bool(spec["signed"]))
+    return layer
+
+
 def _bias_from(module: nn.Module) -> nn.Parameter | None:
     bias = getattr(module, "bias", None)
     return None if bias is None else nn.Parameter(bias.detach().clone(), bias.requires_grad)
@@ -97,6 +126,7 @@ class QuantLinear(QuantWeightMixin, nn.Module):
         self.in_features, self.out_features = int(in_features), int(out_features)
         self._init_storage(scheme, (self.out_features, self.in_features))
         self.bias = nn.Parameter(torch.zeros(self.out_features)) if bias else None
+        self.input_quant: ActQuant | None = None
 
     @classmethod
     def from_float(cls, module: nn.Linear, scheme: Scheme, clip: str = "none") -> QuantLinear:
@@ -107,7 +137,8 @@ class QuantLinear(QuantWeightMixin, nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``F.linear`` with the dequantized weight."""
+        """``F.linear`` with the dequantized weight (on the quantized input, if ``input_quant``)."""
+        x = _quant_input(self, x)
         weight, bias = _float_args(x, self.weight, self.bias)
         return F.linear(x, weight, bias)
 
@@ -118,13 +149,14 @@ class QuantLinear(QuantWeightMixin, nn.Module):
             "out_features": self.out_features,
             "bias": self.bias is not None,
             "scheme": self.scheme.to_dict(),
-        }
+        } | _input_quant_spec(self)
 
     @classmethod
     def from_compactml_spec(cls, args: dict[str, Any]) -> QuantLinear:
         """An empty layer of the described shapes (its buffers are filled by load_state_dict)."""
         scheme = scheme_from_dict(args["scheme"])
-        return cls(args["in_features"], args["out_features"], bool(args["bias"]), scheme)
+        layer = cls(args["in_features"], args["out_features"], bool(args["bias"]), scheme)
+        return _attach_input_quant(layer, args.get("input_quant"))
 
     def extra_repr(self) -> str:
         """Shapes and arguments, and the weight's storage scheme (shown by ``print``)."""
@@ -181,6 +213,7 @@ class QuantConv2d(QuantWeightMixin, nn.Module):
         shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
         self._init_storage(scheme, shape)
         self.bias = nn.Parameter(torch.zeros(self.out_channels)) if bias else None
+        self.input_quant: ActQuant | None = None
 
     @classmethod
     def from_float(cls, module: nn.Conv2d, scheme: Scheme, clip: str = "none") -> QuantConv2d:
@@ -199,7 +232,9 @@ class QuantConv2d(QuantWeightMixin, nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``F.conv2d`` with the dequantized weight (non-zero padding modes pad first)."""
+        """``F.conv2d`` with the dequantized weight (non-zero padding modes pad first), on the
+        quantized input when the layer has an ``input_quant``."""
+        x = _quant_input(self, x)
         weight, bias = _float_args(x, self.weight, self.bias)
         padding = self.padding
         if self.padding_mode != "zeros":
@@ -210,20 +245,22 @@ class QuantConv2d(QuantWeightMixin, nn.Module):
     def compactml_spec(self) -> dict[str, Any]:
         """Constructor arguments as JSON-able values."""
         spec = {name: getattr(self, name) for name in _CONV_ARGS}
-        return spec | {
+        spec |= {
             "in_channels": self.in_channels,
             "out_channels": self.out_channels,
             "kernel_size": self.kernel_size,
             "bias": self.bias is not None,
             "scheme": self.scheme.to_dict(),
         }
+        return spec | _input_quant_spec(self)
 
     @classmethod
     def from_compactml_spec(cls, args: dict[str, Any]) -> QuantConv2d:
         """An empty layer of the described shapes (its buffers are filled by load_state_dict)."""
         args = dict(args)
         scheme = scheme_from_dict(args.pop("scheme"))
-        return cls(scheme=scheme, **args)
+        input_quant = args.pop("input_quant", None)
+        return _attach_input_quant(cls(scheme=scheme, **args), input_quant)
 
     def extra_repr(self) -> str:
         """Shapes and arguments, and the weight's storage scheme (shown by ``print``)."""

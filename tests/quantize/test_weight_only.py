@@ -144,12 +144,12 @@ def test_single_layer_model():
 
 
 def test_technique_table():
-    assert TECHNIQUES == {"weight_only": WeightOnly, "half": Half}
+    assert TECHNIQUES["weight_only"] is WeightOnly and TECHNIQUES["half"] is Half
     config = technique_from_dict("weight_only", {"bits": 4, "group_size": 64, "clip": "mse"})
     assert config == WeightOnly(bits=4, group_size=64, clip="mse")
     assert technique_from_dict("half", {"exclude": ["fc"]}) == Half(exclude=("fc",))
     assert technique_name(config) == "weight_only"
-    with pytest.raises(CompactMLError, match="unknown technique 'int4'; use one of half, weigh"):
+    with pytest.raises(CompactMLError, match="unknown technique 'int4'; use one of .*weight_only"):
         technique_from_dict("int4", {})
     with pytest.raises(CompactMLError, match="unknown parameter.* groupsize for weight_only; val"):
         technique_from_dict("weight_only", {"groupsize": 32})

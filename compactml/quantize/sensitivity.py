@@ -1,0 +1,268 @@
+"""Per-layer sensitivity: how much one layer's compression alone damages the model.
+
+``layer_sensitivity(model, task, layers, variants)`` is technique-agnostic: a *variant* is any
+function that takes a float layer and returns its compressed replacement (quantized at some bit
+width, pruned to some sparsity, factorized to some rank) without modifying the layer it is
+given. Each ``(layer, variant)`` pair is measured on its own: that one layer is swapped for the
+variant's module in a working copy of the model, the damage is measured, and the original layer
+is put back. Everything else stays in float, so the numbers say what *this* layer costs.
+
+Damage is one of two measures, chosen by ``measure``:
+
+- ``"metric"``: the drop of the task's headline metric (``compactml.evaluate.PRIMARY``: top-1
+  for classification, MRR for embeddings, perplexity for language models, where the drop is the
+  rise) on the first ``batches`` eval batches. A custom metric callable is treated as
+  higher-is-better. Note the metric is measured on eval data, so a plan tuned on it is scored
+  on data it has seen; give the Task a separate eval split for a clean final measurement.
+- ``"output"``: the relative squared error of the model's final outputs against the float
+  model's, ``sum ||y - y_float||^2 / sum ||y_float||^2`` over the first ``batches`` calibration
+  batches (no labels needed). For small perturbations the errors of independent layers add in
+  squared norm, which is what an additive planner assumes.
+
+``"auto"`` picks ``"metric"`` when the task has eval data and a built-in metric, else
+``"output"``. The working copy is the only model changed; the input model is never touched.
+
+``choose_bits(costs, losses, budget)`` then allocates a budget across layers: one option per
+layer (a bit width, a sparsity) with the least summed damage whose summed cost fits.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from compactml.config import replace_module
+from compactml.errors import CompactMLError
+from compactml.evaluate import PRIMARY, evaluate
+from compactml.progress import progress_bar
+from compactml.task import Task, eval_mode, primary_output, split_batch
+
+#: A function from a float layer to its compressed replacement (the layer is left unchanged).
+Variant = Callable[[nn.Module], nn.Module]
+MEASURES = ("auto", "metric", "output")
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """The result of :func:`layer_sensitivity`.
+
+    Attributes:
+        damage: layer name -> variant name -> damage (0 means no measurable harm; larger is
+            worse; ``inf`` when the model's outputs became non-finite).
+        failed: layer name -> variant name -> reason, for variants that could not be built
+            for that layer (they raised a CompactMLError).
+        measure: what a damage number is, e.g. ``"top1 drop on 3 eval batches"``.
+        baseline: the float model's value of that measure (the metric; 0.0 for output error).
+    """
+
+    damage: dict[str, dict[str, float]]
+    failed: dict[str, dict[str, str]]
+    measure: str
+    baseline: float
+
+
+def choose_bits(
+    costs: Mapping[str, Mapping[int, int]],
+    losses: Mapping[str, Mapping[int, float]],
+    budget: int,
+    max_steps: int = 20_000,
+) -> dict[str, int]:
+    """The option per layer with the least total loss whose total cost is at most ``budget``.
+
+    A multiple-choice knapsack solved by dynamic programming: ``costs[layer][option]`` are
+    non-negative integers (bytes, or bits), ``losses[layer][option]`` the predicted damage
+    (summed over layers). Options are bit widths for mixed precision, but any sortable keys
+    work (sparsities, ranks). Exact when the budget's slack above the cheapest choice is at most
+    ``max_steps`` cost units; above that, costs are rounded *up* to units of
+    ``ceil(slack / max_steps)``, so the answer always fits the budget and is near-optimal. On
+    equal loss the costlier option (more bits) wins. NaN losses count as infinite.
+    """
+    if set(costs) != set(losses) or any(set(costs[n]) != set(losses[n]) for n in costs):
+        raise CompactMLError("costs and losses must name the same layers and options")
+    if any(not costs[n] for n in costs):
+        raise CompactMLError("every layer needs at least one option; drop layers without any")
+    names = list(costs)
+    floor = {n: min(costs[n].values()) for n in names}
+    slack = int(budget) - sum(floor.values())
+    if slack < 0:
+        raise CompactMLError(
+            f"budget {budget} is below the smallest total cost {sum(floor.values())}; "
+            "raise the budget"
+        )
+    unit = max(1, math.ceil(slack / max_steps))
+    steps = slack // unit
+    best = np.zeros(steps + 1)  # best[j]: least loss of the layers so far with extra cost <= j
+    options, extra, picks = [], [], []
+    for name in names:
+        opts = sorted(costs[name], key=lambda b: (costs[name][b], b), reverse=True)
+        ext = [math.ceil((costs[name][b] - floor[name]) / unit) for b in opts]
+        new, arg = np.full(steps + 1, np.inf), np.full(steps + 1, len(opts) - 1)
+        for k, (b, c) in enumerate(zip(opts, ext, strict=True)):
+            if c > steps:
+                continue
+            loss = float(losses[name][b])
+            cand = np.full(steps + 1, np.inf)
+            cand[c:] = best[: steps + 1 - c] + (np.inf if math.isnan(loss) else loss)
+            better = cand < new
+            new[better], arg[better] = cand[better], k
+        best = new
+        options.append(opts), extra.append(ext), picks.append(arg)
+    chosen, j = {}, steps
+    for i in reversed(range(len(names))):
+        k = int(picks[i][j])
+        chosen[names[i]] = options[i][k]
+        j -= extra[i][k]
+    return {name: chosen[name] for name in names}
+
+
+def _device_of(model: nn.Module) -> torch.device | None:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return None
+
+
+def _to(inputs: Any, device: torch.device | None) -> Any:
+    if device is None:
+        return inputs
+    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, inputs)
+
+
+class _MetricDrop:
+    """Damage = drop of the task's headline metric on the first ``batches`` eval batches."""
+
+    def __init__(self, model: nn.Module, task: Task, batches: int | None) -> None:
+        self.task, self.batches = task, batches
+        self.higher = PRIMARY.get(task.kind, ("", "higher"))[1] == "higher"
+        self.baseline = self._value(model)
+        self.name = evaluate_name(task)
+        where = "all" if batches is None else f"{batches}"
+        self.describe = f"{self.name} drop on {where} eval batches"
+
+    def _value(self, model: nn.Module) -> float:
+        metrics = evaluate(model, self.task, limit=self.batches, noise_levels=())
+        return float(metrics.primary_value)
+
+    def __call__(self, model: nn.Module) -> float:
+        value = self._value(model)
+        if not math.isfinite(value):
+            return math.inf
+        return self.baseline - value if self.higher else value - self.baseline
+
+
+def evaluate_name(task: Task) -> str:
+    """The name of the task's headline metric (``"metric"`` for a custom callable)."""
+    return PRIMARY[task.kind][0] if task.kind in PRIMARY else "metric"
+
+
+class _OutputError:
+    """Damage = relative squared error of the final outputs against the float model's."""
+
+    def __init__(self, model: nn.Module, task: Task, batches: int | None) -> None:
+        self.task = task
+        device = _device_of(model)
+        self.inputs = [_to(split_batch(b)[0], device) for b in task.batches("calib", batches)]
+        if not self.inputs:
+            raise CompactMLError(
+                "the task's calib data has no batches; pass Task(calib=...) with at least one"
+            )
+        self.reference = [self._outputs(model, x) for x in self.inputs]
+        self.norm = sum(float(y.pow(2).sum()) for y in self.reference) or 1.0
+        self.baseline = 0.0
+        self.describe = f"relative output error on {len(self.inputs)} calib batches"
+
+    def _outputs(self, model: nn.Module, inputs: Any) -> torch.Tensor:
+        with eval_mode(model), torch.inference_mode():
+            return primary_output(self.task.run(model, inputs)).float()
+
+    def __call__(self, model: nn.Module) -> float:
+        error = 0.0
+        for inputs, ref in zip(self.inputs, self.reference, strict=True):
+            error += float((self._outputs(model, inputs) - ref).pow(2).sum())
+        return error / self.norm if math.isfinite(error) else math.inf
+
+
+def resolve_measure(task: Task | None, measure: str) -> str:
+    """``"metric"`` or ``"output"`` for ``measure`` (``"auto"`` looks at what the task has)."""
+    if measure not in MEASURES:
+        raise CompactMLError(f"measure={measure!r} is not supported; use one of {MEASURES}")
+    if task is None:
+        raise CompactMLError(
+            "measuring layer sensitivity needs data; pass a Task with calib batches "
+            "(or eval batches and a metric)"
+        )
+    if measure == "auto":
+        metric_ready = task.kind in PRIMARY and task.has("eval")
+        measure = "metric" if metric_ready else "output"
+    if measure == "output" and not task.has("calib"):
+        raise CompactMLError(
+            "measuring output error needs calibration inputs; pass Task(calib=...) "
+            "or use the metric measure with eval data"
+        )
+    if measure == "metric" and task.kind != "custom" and not task.has("eval"):
+        raise CompactMLError(
+            "measuring a metric drop needs eval data; pass Task(eval=...) or use measure "
+            "'output' with calib data"
+        )
+    return measure
+
+
+def check_batches(batches: int | None) -> None:
+    """Raise unless ``batches`` is a positive int or None (all batches)."""
+    if batches is not None and (type(batches) is not int or batches < 1):
+        raise CompactMLError(f"batches must be a positive number or None, got {batches!r}")
+
+
+def _swap(work: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """``work`` with ``new`` at ``name`` (the new layer itself when ``name`` is the root)."""
+    if not name:
+        return new
+    replace_module(work, name, new)
+    return work
+
+
+def layer_sensitivity(
+    model: nn.Module,
+    task: Task | None,
+    layers: Sequence[str],
+    variants: Mapping[str, Variant],
+    *,
+    measure: str = "auto",
+    batches: int | None = 8,
+    progress: bool = True,
+) -> Sensitivity:
+    """Damage of each variant of each layer, measured one ``(layer, variant)`` at a time.
+
+    Args:
+        model: the float model (not modified: the measurement runs on a deep copy).
+        task: the data (eval batches and a metric, or calib batches).
+        layers: module names in ``model`` to measure (``""`` is the model itself).
+        variants: variant name -> function building the compressed replacement of a layer.
+        measure: ``"auto"``, ``"metric"`` or ``"output"`` (see the module docstring).
+        batches: how many batches each measurement runs on (None: all of them).
+        progress: show a progress bar over the ``len(layers) * len(variants)`` measurements.
+    """
+    check_batches(batches)
+    measure = resolve_measure(task, measure)
+    work = copy.deepcopy(model)
+    scorer = (_MetricDrop if measure == "metric" else _OutputError)(work, task, batches)
+    damage: dict[str, dict[str, float]] = {name: {} for name in layers}
+    failed: dict[str, dict[str, str]] = {}
+    pairs = [(layer, variant) for layer in layers for variant in variants]
+    for layer, variant in progress_bar(pairs, "Layer sensitivity", len(pairs), progress):
+        original = work.get_submodule(layer)
+        try:
+            new = variants[variant](original)
+        except CompactMLError as exc:
+            failed.setdefault(layer, {})[variant] = str(exc)
+            continue
+        damage[layer][variant] = scorer(_swap(work, layer, new))
+        _swap(work, layer, original)
+    return Sensitivity(damage, failed, scorer.describe, scorer.baseline)
