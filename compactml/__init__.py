@@ -7,6 +7,7 @@ from compactml import examples
 from compactml.errors import ArtifactError, CompactMLError, SignatureError
 from compactml.evaluate import Metrics, evaluate
 from compactml.export.artifact import load, read_manifest, save, sign_artifact, verify_artifact
+from compactml.export.onnx import export
 from compactml.export.signing import generate_keypair, write_keypair
 from compactml.profile import Profile, profile
 from compactml.profile.targets import load_targets
@@ -30,6 +31,7 @@ __all__ = [
     "__version__",
     "evaluate",
     "examples",
+    "export",
     "generate_keypair",
     "load",
     "load_targets",

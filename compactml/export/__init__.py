@@ -8,6 +8,7 @@ from compactml.export.artifact import (
     sign_artifact,
     verify_artifact,
 )
+from compactml.export.onnx import export
 from compactml.export.signing import (
     generate_keypair,
     key_id,
@@ -18,6 +19,7 @@ from compactml.export.signing import (
 
 __all__ = [
     "artifact_bytes",
+    "export",
     "generate_keypair",
     "key_id",
     "load",
