@@ -159,6 +159,96 @@ def evaluate_cmd(
     _save_report(full, report)
 
 
+def _compare_notes(original: dict, quantized: dict, net, scheme: str) -> list[str]:
+    from compactml.config import history
+
+    ratio = quantized["stored_bytes"] / original["stored_bytes"]
+    notes = [
+        f"Scheme {scheme}: artifact {quantized['stored_bytes']:,} bytes, {ratio:.3f}x the "
+        f"original's {original['stored_bytes']:,} bytes.",
+    ]
+    for entry in history(net):
+        for layer, reason in entry["skipped"].items():
+            notes.append(f"{entry['technique']} left {layer} in float: {reason}")
+    return notes
+
+
+def _onnx_notes(net, quantized, example, onnx_path: Path) -> list[str]:
+    """Check the ONNX file against PyTorch, and time it against the fp32 model in ORT."""
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from compactml.export import ort
+    from compactml.export.onnx import export
+    from compactml.task import call_model, primary_output
+
+    sess = ort.session(onnx_path)
+    with torch.inference_mode():
+        expected = primary_output(call_model(quantized.eval(), example)).numpy()
+    diff = float(np.abs(ort.run(sess, example)[0] - expected).max())
+    with tempfile.TemporaryDirectory() as folder:
+        fp32 = ort.session(export(net, Path(folder) / "fp32.onnx", example))
+        base = ort.latency(fp32, example, repeats=20)["median_ms"]
+    quant = ort.latency(sess, example, repeats=20)["median_ms"]
+    return [
+        f"ONNX Runtime output vs PyTorch: max abs difference {diff:.2e}.",
+        f"ONNX Runtime latency ({ort.DEFAULT_THREADS} threads, median of 20): fp32 "
+        f"{base:.3f} ms, quantized {quant:.3f} ms ({base / quant:.2f}x).",
+    ]
+
+
+@app.command("quantize")
+def quantize_cmd(
+    model: str = typer.Argument(..., help="built-in name, .cml file, HF folder or file.py:fn"),
+    scheme: str = typer.Option(..., help="int8-weight, int4-weight, int2-weight, fp16, ..."),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder for model.cml, model.onnx"),
+    group_size: int | None = typer.Option(None, help="weights per scale (16 to 256)"),
+    exclude: list[str] = typer.Option([], help="module-name pattern to keep in float"),
+    onnx: bool = typer.Option(True, help="also export model.onnx for ONNX Runtime"),
+    input_shape: str | None = typer.Option(None, help="example input shape, e.g. 1,3,224,224"),
+    trust_factory: bool = typer.Option(False, help=TRUST_HELP),
+) -> None:
+    """Quantize a model; write the .cml artifact, the ONNX file and a report vs the original."""
+    from compactml.evaluate import evaluate
+    from compactml.export.artifact import save
+    from compactml.export.onnx import export
+    from compactml.profile import profile as run_profile
+    from compactml.quantize import quantize
+    from compactml.quantize.schemes import scheme_config
+    from compactml.report.console import console_blocks
+
+    config = scheme_config(scheme, group_size=group_size, exclude=exclude)
+    if out.exists() and not out.is_dir():
+        raise CompactMLError(f"--out {out} is a file; give a folder for the outputs")
+    net, task = _resolve(model, trust_factory)
+    example = _example_input(task, input_shape)
+    quantized = quantize(net, config, task)
+    artifact = save(quantized, out / "model.cml")
+    onnx_path = export(quantized, out / "model.onnx", example) if onnx else None
+    before = run_profile(net, example, repeats=5).to_dict()
+    after = run_profile(quantized, example, repeats=5).to_dict()
+    has_eval = task is not None and task.has("eval")
+    metrics = dict(evaluate(quantized, task, reference=net)) if has_eval else None
+    original = dict(evaluate(net, task)) if has_eval else None
+    notes = _compare_notes(before, after, quantized, scheme)
+    notes.append(f"Artifact: {artifact}" + (f"; ONNX: {onnx_path}" if onnx_path else ""))
+    if onnx_path is not None:
+        notes += _onnx_notes(net, quantized, example, onnx_path)
+    full = new_report(
+        f"{model} quantized with {scheme}",
+        model,
+        profile=after,
+        metrics=metrics,
+        reference_metrics=original,
+        notes=notes,
+    )
+    OUT.emit(full)
+    OUT.print(*console_blocks(full, skip=("Overview", "Layers")))
+    _save_report(full, out)
+
+
 @app.command()
 def targets() -> None:
     """List the built-in devices that --target accepts, with their memory."""

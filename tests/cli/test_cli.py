@@ -229,3 +229,44 @@ def test_profile_a_hugging_face_folder(capsys, tmp_path):
     data = run_json(capsys, "profile", str(folder), "--repeats", "1", "--target", "raspberry-pi-4")
     assert 20_000_000 < data["params"] < 25_000_000
     assert data["stored_bytes"] > 4 * 20_000_000 and data["target"]["fits"] is True
+
+
+def test_quantize_writes_artifact_onnx_and_a_comparison_report(capsys, tmp_path):
+    out = tmp_path / "q"
+    report = run_json(
+        capsys,
+        "quantize",
+        "digits-cnn",
+        "--scheme",
+        "int4-weight",
+        "--group-size",
+        "16",
+        "-o",
+        str(out),
+    )
+    for name in ("model.cml", "model.onnx", "report.json", "report.html"):
+        assert (out / name).is_file(), name
+    assert report["metrics"]["top1"] >= report["reference_metrics"]["top1"] - 0.01
+    assert report["profile"]["stored_bytes"] < 0.3 * 64_400
+    assert any("left features.conv1 in float" in note for note in report["notes"])
+    assert any("ONNX Runtime output vs PyTorch" in note for note in report["notes"])
+    model, task = examples.load("digits-cnn")
+    loaded = load(out / "model.cml")
+    inputs = next(task.batches("eval"))[0]
+    with torch.inference_mode():
+        agree = (loaded(inputs).argmax(1) == model(inputs).argmax(1)).float().mean()
+    assert agree > 0.95
+
+
+def test_quantize_bad_input(capsys, tmp_path):
+    expect_error(
+        capsys,
+        ["quantize", "digits-cnn", "--scheme", "int3", "-o", str(tmp_path)],
+        "unknown scheme 'int3'",
+    )
+    (tmp_path / "file").write_text("x")
+    expect_error(
+        capsys,
+        ["quantize", "digits-cnn", "--scheme", "fp16", "-o", str(tmp_path / "file")],
+        "is a file",
+    )

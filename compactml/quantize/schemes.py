@@ -1,0 +1,53 @@
+"""Named quantization schemes for the command line: ``--scheme int4-weight`` and friends.
+
+Each name maps to a function building the config, so options such as the group size or the
+layers to leave alone can be passed through. The table is literal: grep finds every scheme.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from compactml.config import Technique
+from compactml.errors import CompactMLError
+from compactml.quantize.qat import QAT
+from compactml.quantize.weight_only import Half, WeightOnly
+
+SchemeFactory = Callable[[dict], Technique]
+
+SCHEMES: dict[str, tuple[SchemeFactory, str]] = {
+    "int8-weight": (
+        lambda o: WeightOnly(bits=8, group_size=o.get("group_size"), **_common(o)),
+        "8-bit weights, per output channel (or --group-size); activations stay float",
+    ),
+    "int4-weight": (
+        lambda o: WeightOnly(
+            bits=4, group_size=o.get("group_size") or 32, clip="mse", **_common(o)
+        ),
+        "4-bit weights in groups of 32 with MSE clipping (MatMulNBits in ONNX Runtime)",
+    ),
+    "int2-weight": (
+        lambda o: WeightOnly(
+            bits=2, group_size=o.get("group_size") or 16, clip="mse", **_common(o)
+        ),
+        "2-bit weights in groups of 16 with MSE clipping",
+    ),
+    "fp16": (lambda o: Half(dtype="float16", **_common(o)), "float16 weights"),
+    "bf16": (lambda o: Half(dtype="bfloat16", **_common(o)), "bfloat16 weights"),
+    "qat-w4a8": (
+        lambda o: QAT(weight_bits=4, act_bits=8, group_size=o.get("group_size"), **_common(o)),
+        "quantization-aware training: 4-bit weights, 8-bit activations (needs task.train)",
+    ),
+}
+
+
+def _common(options: dict) -> dict:
+    return {"exclude": tuple(options.get("exclude") or ())}
+
+
+def scheme_config(name: str, **options) -> Technique:
+    """The config for scheme ``name``; ``options`` may hold ``group_size`` and ``exclude``."""
+    if name not in SCHEMES:
+        known = ", ".join(SCHEMES)
+        raise CompactMLError(f"unknown scheme {name!r}; use one of: {known}")
+    return SCHEMES[name][0](options)
