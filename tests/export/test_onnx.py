@@ -5,6 +5,7 @@ Compressed-layer lowerings are tested in ``test_onnx_lowering.py``.
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import numpy as np
@@ -18,6 +19,10 @@ from compactml.examples import digits_cnn
 from compactml.export import ort as cort
 from compactml.export.onnx import export
 from compactml.source import set_source
+
+# cml.export (the function) shadows the compactml.export package as an attribute, so reach the
+# module through the import system rather than a dotted attribute path.
+ONNX_MODULE = importlib.import_module("compactml.export.onnx")
 
 
 class ResidualCNN(nn.Module):
@@ -173,14 +178,14 @@ def test_failed_check_leaves_no_files(tmp_path, monkeypatch):
     def invalid(proto):
         raise onnx.checker.ValidationError("bad graph")
 
-    monkeypatch.setattr("compactml.export.onnx.onnx.checker.check_model", invalid)
+    monkeypatch.setattr(ONNX_MODULE.onnx.checker, "check_model", invalid)
     with pytest.raises(CompactMLError, match="bad graph"):
         export(ResidualCNN(), tmp_path / "res.onnx", torch.randn(1, 3, 8, 8))
     assert os.listdir(tmp_path) == []
 
 
 def test_models_over_two_gib_are_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr("compactml.export.onnx.MAX_BYTES", 1000)
+    monkeypatch.setattr(ONNX_MODULE, "MAX_BYTES", 1000)
     with pytest.raises(CompactMLError, match="up to 2 GiB"):
         export(ResidualCNN(), tmp_path / "res.onnx", torch.randn(1, 3, 8, 8))
     assert os.listdir(tmp_path) == []
