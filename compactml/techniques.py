@@ -11,7 +11,9 @@ from typing import Any
 
 from compactml.config import Technique
 from compactml.errors import CompactMLError
+from compactml.quantize.dynamic import Dynamic
 from compactml.quantize.mixed import MixedPrecision
+from compactml.quantize.ptq import Static
 from compactml.quantize.qat import QAT
 from compactml.quantize.weight_only import Half, WeightOnly
 
@@ -20,6 +22,8 @@ TECHNIQUES: dict[str, type[Technique]] = {
     "half": Half,
     "mixed_precision": MixedPrecision,
     "qat": QAT,
+    "dynamic": Dynamic,
+    "static": Static,
 }
 
 

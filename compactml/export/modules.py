@@ -144,6 +144,8 @@ MODULE_TYPES: dict[str, TorchLayer | SpecLayer] = {
     "QuantLinear": SpecLayer("compactml.quantize.modules:QuantLinear"),
     "QuantConv2d": SpecLayer("compactml.quantize.modules:QuantConv2d"),
     "QuantEmbedding": SpecLayer("compactml.quantize.modules:QuantEmbedding"),
+    "DynamicQuantLinear": SpecLayer("compactml.quantize.dynamic:DynamicQuantLinear"),
+    "QuantOutput": SpecLayer("compactml.quantize.modules:QuantOutput"),
     # Containers are built empty; their children follow as transforms of their own.
     "Sequential": TorchLayer(nn.Sequential),
     "ModuleList": TorchLayer(nn.ModuleList),

@@ -41,8 +41,11 @@ from onnx import NodeProto, TensorProto, helper, numpy_helper
 from torch import nn
 
 from compactml.errors import CompactMLError
+from compactml.export import onnx_static
+from compactml.export.onnx_dynamic import lower_dynamic_quant_linear
 from compactml.quantize.affine import FloatScheme, PerChannel, PerGroup, QScheme
-from compactml.quantize.modules import QuantConv2d, QuantEmbedding, QuantLinear
+from compactml.quantize.dynamic import DynamicQuantLinear
+from compactml.quantize.modules import QuantConv2d, QuantEmbedding, QuantLinear, QuantOutput
 from compactml.quantize.qweight import QWeight
 
 #: MatMulNBits settings: ORT's accuracy level 0 (unset: accumulate in float32 like PyTorch).
@@ -61,7 +64,10 @@ class Lowered:
 
     def const(self, name: str, array: np.ndarray) -> str:
         """Add an initializer named ``name`` and return its name."""
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        # np.ascontiguousarray would turn a 0-d scalar into shape [1], and ORT only fuses
+        # QLinearAdd when scales and zero points are true scalars.
+        array = array if array.flags.c_contiguous else np.ascontiguousarray(array)
+        self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
     def node(self, op: str, inputs: list[str], output: str, **attrs) -> str:
@@ -351,7 +357,9 @@ Lowering = Callable[[nn.Module, str, str, str], Lowered]
 
 #: Compressed layer type -> the function that lowers it to ONNX nodes (exact types).
 LOWERINGS: dict[type[nn.Module], Lowering] = {
-    QuantLinear: lower_quant_linear,
-    QuantConv2d: lower_quant_conv2d,
+    QuantLinear: onnx_static.lower_static_linear,  # lower_quant_linear + output_quant / int32 bias
+    QuantConv2d: onnx_static.lower_static_conv2d,  # lower_quant_conv2d + output_quant / int32 bias
     QuantEmbedding: lower_quant_embedding,
+    DynamicQuantLinear: lower_dynamic_quant_linear,
+    QuantOutput: onnx_static.lower_quant_output,
 }

@@ -15,8 +15,10 @@ from compactml.config import Technique
 from compactml.errors import CompactMLError
 from compactml.quantize.act import ActQuant
 from compactml.quantize.affine import FloatScheme, PerChannel, PerGroup, PerTensor, QScheme
+from compactml.quantize.dynamic import Dynamic, DynamicQuantLinear
 from compactml.quantize.mixed import MixedPrecision
-from compactml.quantize.modules import QuantConv2d, QuantEmbedding, QuantLinear
+from compactml.quantize.modules import QuantConv2d, QuantEmbedding, QuantLinear, QuantOutput
+from compactml.quantize.ptq import Static
 from compactml.quantize.qat import QAT, fold_batchnorm
 from compactml.quantize.qweight import QWeight
 from compactml.quantize.weight_only import Half, WeightOnly
@@ -25,6 +27,8 @@ from compactml.task import Task
 __all__ = [
     "QAT",
     "ActQuant",
+    "Dynamic",
+    "DynamicQuantLinear",
     "FloatScheme",
     "Half",
     "MixedPrecision",
@@ -36,6 +40,8 @@ __all__ = [
     "QuantConv2d",
     "QuantEmbedding",
     "QuantLinear",
+    "QuantOutput",
+    "Static",
     "WeightOnly",
     "fold_batchnorm",
     "quantize",

@@ -10,7 +10,9 @@ dequantized weight exactly.
 
 ``QuantLinear`` and ``QuantConv2d`` may hold an ``input_quant`` child
 (:class:`~compactml.quantize.act.ActQuant`, None by default) that fake-quantizes the input before
-the float op: static and QAT models quantize activations too.
+the float op: static and QAT models quantize activations too; static models may also hold an
+``output_quant`` (applied to the output). :class:`QuantOutput` quantizes the output of any other
+module (an activation, a pooling layer).
 
 ``compactml_spec()`` / ``from_compactml_spec(args)`` describe and rebuild a layer for the
 artifact (``SpecLayer`` in ``compactml/export/modules.py``); the spec records the input
@@ -96,20 +98,32 @@ def _quant_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x if quant is None else quant(x)
 
 
+def _quant_output(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """``y`` through the layer's ``output_quant`` when it has one."""
+    quant = layer.output_quant
+    return y if quant is None else quant(y)
+
+
 def _input_quant_spec(layer: nn.Module) -> dict[str, Any]:
     """``{"input_quant": {"bits", "signed"}}`` when the layer has one, else ``{}`` (older
     artifacts, and layers without one, carry no such key)."""
-    quant = layer.input_quant
-    if quant is None:
-        return {}
-    return {"input_quant": {"bits": quant.bits, "signed": quant.signed}}
+    out = {}
+    for key in ("input_quant", "output_quant"):
+        quant = getattr(layer, key)
+        if quant is not None:
+            out[key] = {"bits": quant.bits, "signed": quant.signed}
+    return out
 
 
-def _attach_input_quant(layer: nn.Module, spec: dict[str, Any] | None) -> nn.Module:
-    """Give ``layer`` an empty ``ActQuant`` described by ``spec`` (scale and zero point are
-    filled by load_state_dict); returns ``layer``."""
+def _attach_input_quant(
+    layer: nn.Module, spec: dict[str, Any] | None, output: dict[str, Any] | None = None
+) -> nn.Module:
+    """Give ``layer`` empty ``ActQuant`` input (and output) quantizers described by ``spec``
+    (and ``output``); scales and zero points are filled by load_state_dict. Returns ``layer``."""
     if spec is not None:
         layer.input_quant = ActQuant(bits=int(spec["bits"]), signed=bool(spec["signed"]))
+    if output is not None:
+        layer.output_quant = ActQuant(bits=int(output["bits"]), signed=bool(output["signed"]))
     return layer
 
 
@@ -127,6 +141,7 @@ class QuantLinear(QuantWeightMixin, nn.Module):
         self._init_storage(scheme, (self.out_features, self.in_features))
         self.bias = nn.Parameter(torch.zeros(self.out_features)) if bias else None
         self.input_quant: ActQuant | None = None
+        self.output_quant: ActQuant | None = None
 
     @classmethod
     def from_float(cls, module: nn.Linear, scheme: Scheme, clip: str = "none") -> QuantLinear:
@@ -140,7 +155,7 @@ class QuantLinear(QuantWeightMixin, nn.Module):
         """``F.linear`` with the dequantized weight (on the quantized input, if ``input_quant``)."""
         x = _quant_input(self, x)
         weight, bias = _float_args(x, self.weight, self.bias)
-        return F.linear(x, weight, bias)
+        return _quant_output(self, F.linear(x, weight, bias))
 
     def compactml_spec(self) -> dict[str, Any]:
         """Constructor arguments as JSON-able values."""
@@ -156,7 +171,7 @@ class QuantLinear(QuantWeightMixin, nn.Module):
         """An empty layer of the described shapes (its buffers are filled by load_state_dict)."""
         scheme = scheme_from_dict(args["scheme"])
         layer = cls(args["in_features"], args["out_features"], bool(args["bias"]), scheme)
-        return _attach_input_quant(layer, args.get("input_quant"))
+        return _attach_input_quant(layer, args.get("input_quant"), args.get("output_quant"))
 
     def extra_repr(self) -> str:
         """Shapes and arguments, and the weight's storage scheme (shown by ``print``)."""
@@ -214,6 +229,7 @@ class QuantConv2d(QuantWeightMixin, nn.Module):
         self._init_storage(scheme, shape)
         self.bias = nn.Parameter(torch.zeros(self.out_channels)) if bias else None
         self.input_quant: ActQuant | None = None
+        self.output_quant: ActQuant | None = None
 
     @classmethod
     def from_float(cls, module: nn.Conv2d, scheme: Scheme, clip: str = "none") -> QuantConv2d:
@@ -240,7 +256,8 @@ class QuantConv2d(QuantWeightMixin, nn.Module):
         if self.padding_mode != "zeros":
             pads = _reversed_padding(self.padding, self.kernel_size, self.dilation)
             x, padding = F.pad(x, pads, mode=self.padding_mode), (0, 0)
-        return F.conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
+        y = F.conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
+        return _quant_output(self, y)
 
     def compactml_spec(self) -> dict[str, Any]:
         """Constructor arguments as JSON-able values."""
@@ -260,7 +277,8 @@ class QuantConv2d(QuantWeightMixin, nn.Module):
         args = dict(args)
         scheme = scheme_from_dict(args.pop("scheme"))
         input_quant = args.pop("input_quant", None)
-        return _attach_input_quant(cls(scheme=scheme, **args), input_quant)
+        output_quant = args.pop("output_quant", None)
+        return _attach_input_quant(cls(scheme=scheme, **args), input_quant, output_quant)
 
     def extra_repr(self) -> str:
         """Shapes and arguments, and the weight's storage scheme (shown by ``print``)."""
@@ -321,6 +339,36 @@ class QuantEmbedding(QuantWeightMixin, nn.Module):
         """Shapes and arguments, and the weight's storage scheme (shown by ``print``)."""
         pad = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
         return f"{self.num_embeddings}, {self.embedding_dim}{pad}, {self._scheme_repr()}"
+
+
+class QuantOutput(nn.Module):
+    """``quant(inner(x))``: the output of ``inner`` (a ReLU, a max pool...) fake-quantized by
+    the activation quantizer ``quant``. Static quantization wraps activations with it so the
+    tensor that several layers read, or that a residual add produced, is quantized once."""
+
+    def __init__(self, inner: nn.Module, quant: ActQuant) -> None:
+        super().__init__()
+        self.inner, self.quant = inner, quant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``inner(x)``, quantized."""
+        return self.quant(self.inner(x))
+
+    def compactml_spec(self) -> dict[str, Any]:
+        """The inner module's description (as the artifact writes modules) and the
+        quantizer's ``bits`` and ``signed``."""
+        from compactml.export.modules import describe_module  # the artifact's module table
+
+        quant = {"bits": self.quant.bits, "signed": self.quant.signed}
+        return {"inner": describe_module("inner", self.inner), "quant": quant}
+
+    @classmethod
+    def from_compactml_spec(cls, args: dict[str, Any]) -> QuantOutput:
+        """An empty wrapper (its quantizer's buffers are filled by load_state_dict)."""
+        from compactml.export.modules import build_module
+
+        quant = ActQuant(bits=int(args["quant"]["bits"]), signed=bool(args["quant"]["signed"]))
+        return cls(build_module(args["inner"]), quant)
 
 
 #: Float layer type -> its quantized replacement (exact types: subclasses may change forward).

@@ -1,0 +1,95 @@
+"""ONNX form of :class:`~compactml.quantize.dynamic.DynamicQuantLinear` (dynamic INT8).
+
+The layer becomes integer arithmetic that ONNX Runtime runs on its U8S8 kernels (uint8
+activations times int8 weights, AVX-512 VNNI on x86). The input is viewed as tokens
+``[1, M, K]`` (``M`` = every leading axis together) and, per token::
+
+    amax   = Max(GlobalMaxPool(Abs(x)), AMAX_FLOOR)             [1, M, 1]
+    codes  = QuantizeLinear(x * (127 / amax), 1.0, 128)          uint8 (round half to even)
+    acc    = MatMulInteger(codes, W_int8, 128)                   int32, W stored K x N
+    y      = Cast(acc) * ((amax / 127) * scale_w) + bias         reshaped to x's leading axes
+
+These are the float32 operations the PyTorch layer performs, in the same order, so both
+produce the same codes. Every op keeps its signature from opset 17 on (``ReduceMax`` does not:
+its ``axes`` became an input at opset 18, so ``GlobalMaxPool`` over the ``[1, M, K]`` view
+takes the per-token maxima). A per-tensor ``QuantizeLinear`` after the multiplication was
+faster in ONNX Runtime than a per-axis one (which needs a zero point per token) or than
+``Div``/``Round``/``Add``/``Clip``/``Cast``.
+
+ONNX Runtime (level 2 optimizations) fuses ``MatMulInteger -> Cast -> Mul(Mul(a_scale,
+b_scale))`` into its contrib ``MatMulIntegerToFloat``, which accepts per-token ``a_scale``
+``[1, M, 1]`` and per-channel ``b_scale``; the bias ``Add`` comes after the ``Reshape`` so that
+fusion never takes it in as its own bias input (it would then be multiplied by the per-token
+scale). ``DynamicQuantizeMatMul`` is not used: it quantizes activations per tensor.
+
+Tolerance: ONNX Runtime sums the integer products exactly and scales once; PyTorch multiplies
+the dequantized values in float32. One layer agrees within :data:`ORT_TOLERANCE` (relative to
+its largest output), checked by the tests. Through a deep model, float-level differences
+upstream (e.g. a fused attention) can move a token's value across a rounding boundary, so
+whole models are compared by cosine fidelity instead.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from onnx import TensorProto
+
+from compactml.quantize.dynamic import ACT_QMAX, ACT_ZERO_POINT, AMAX_FLOOR, DynamicQuantLinear
+
+if TYPE_CHECKING:  # onnx_lowering imports this module for its LOWERINGS table
+    from compactml.export.onnx_lowering import Lowered
+
+#: Max |ORT - PyTorch| / max |PyTorch output| for one layer (float32 summation order).
+ORT_TOLERANCE = 1e-5
+
+
+def _np_scalar(value: float | int, dtype: type) -> np.ndarray:
+    return np.array(value, dtype)
+
+
+def _quantize_tokens(out: Lowered, x3: str, prefix: str) -> tuple[str, str]:
+    """uint8 codes and per-token scales ``[1, M, 1]`` of the ``[1, M, K]`` view ``x3``."""
+    a = out.node("Abs", [x3], f"{prefix}.act.abs")
+    amax = out.node("GlobalMaxPool", [a], f"{prefix}.act.amax")
+    floor = out.const(f"{prefix}.act.floor", _np_scalar(AMAX_FLOOR, np.float32))
+    safe = out.node("Max", [amax, floor], f"{prefix}.act.amax_safe")
+    qmax = out.const(f"{prefix}.act.qmax", _np_scalar(float(ACT_QMAX), np.float32))
+    inv = out.node("Div", [qmax, safe], f"{prefix}.act.inv_scale")
+    scale = out.node("Div", [safe, qmax], f"{prefix}.act.scale")
+    t = out.node("Mul", [x3, inv], f"{prefix}.act.scaled")
+    one = out.const(f"{prefix}.act.unit", _np_scalar(1.0, np.float32))
+    zp = out.const(f"{prefix}.act.zero_point", _np_scalar(ACT_ZERO_POINT, np.uint8))
+    return out.node("QuantizeLinear", [t, one, zp], f"{prefix}.act.codes"), scale
+
+
+def lower_dynamic_quant_linear(layer: DynamicQuantLinear, x: str, y: str, prefix: str) -> Lowered:
+    """``DynamicQuantLinear`` as per-token uint8 quantization + ``MatMulInteger`` + scaling
+    (see the module docstring)."""
+    from compactml.export.onnx_lowering import Lowered
+
+    out = Lowered()
+    q = layer.qweight_data()
+    k, n = layer.in_features, layer.out_features
+    weight = (q.codes().numpy().astype(np.int16) - q.scheme.mid).astype(np.int8).T  # K x N
+    view = out.const(f"{prefix}.tokens_shape", np.array([1, -1, k], np.int64))
+    x3 = out.node("Reshape", [x, view], f"{prefix}.tokens")
+    codes, scale = _quantize_tokens(out, x3, prefix)
+    w = out.const(f"{prefix}.weight.codes", np.ascontiguousarray(weight))
+    zp = out.const(f"{prefix}.act.mm_zero_point", _np_scalar(ACT_ZERO_POINT, np.uint8))
+    acc = out.node("MatMulInteger", [codes, w, zp], f"{prefix}.matmul_int")
+    f = out.node("Cast", [acc], f"{prefix}.acc_f", to=TensorProto.FLOAT)
+    ws = out.const(f"{prefix}.weight.scale", q.scale.float().numpy())
+    both = out.node("Mul", [scale, ws], f"{prefix}.scales")
+    h = out.node("Mul", [f, both], f"{prefix}.h")
+    lead = out.node("Shape", [x], f"{prefix}.lead_shape", end=-1)
+    last = out.const(f"{prefix}.out_features", np.array([n], np.int64))
+    shape = out.node("Concat", [lead, last], f"{prefix}.out_shape", axis=0)
+    if layer.bias is None:
+        out.node("Reshape", [h, shape], y)
+        return out
+    h = out.node("Reshape", [h, shape], f"{prefix}.h_shaped")
+    b = out.const(f"{prefix}.bias", layer.bias.detach().float().numpy())
+    out.node("Add", [h, b], y)
+    return out

@@ -1,0 +1,184 @@
+"""Dynamic INT8: int8 per-channel weights, activations quantized per token at run time.
+
+``Dynamic(bits=8)`` swaps every selected ``nn.Linear`` for a :class:`DynamicQuantLinear`. No
+calibration data is needed: each token's (row's) activation scale is computed from that token
+when the layer runs (per-token dynamic quantization, as in LLM.int8(), Dettmers et al. 2022,
+and ZeroQuant, Yao et al. 2022, without their outlier handling).
+
+The activation scheme is chosen for ONNX Runtime on x86 (see
+:mod:`compactml.export.onnx_dynamic`): its fast integer kernels multiply *uint8* activations by
+*int8* weights (U8S8, AVX-512 VNNI), so activations are symmetric codes offset by a fixed zero
+point of 128 (``amax_t = max|x_t|``, floored at :data:`AMAX_FLOOR` so an all-zero token gets
+exact zeros)::
+
+    scale_t = amax_t / 127
+    q_t     = clamp(round(x_t * (127 / amax_t)) + 128, 0, 255)    (uint8, round half to even)
+    y_t     = ((q_t - 128) @ (W_q - 128).T) * scale_t * scale_w + b
+
+Weights are stored like :class:`~compactml.quantize.modules.QuantLinear`'s: 8-bit symmetric
+per-output-channel codes with float16 scales (``qweight``/``scale`` buffers, a
+:class:`~compactml.quantize.qweight.QWeight`). The PyTorch forward computes the same numbers
+in float32 (quantize per token, dequantize, matmul with the dequantized weight); the integer
+form in ONNX Runtime differs only by float32 summation order (see
+:mod:`compactml.export.onnx_dynamic`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compactml.config import Technique, record, replace_module
+from compactml.errors import CompactMLError
+from compactml.quantize.affine import PerChannel, QScheme, scheme_from_dict
+from compactml.quantize.modules import QuantWeightMixin
+from compactml.quantize.qweight import QWeight
+from compactml.source import get_source, set_source
+from compactml.task import Task
+
+#: The weight scheme: int8, symmetric, one float16 scale per output channel.
+WEIGHT_SCHEME = QScheme(bits=8, symmetric=True, granularity=PerChannel(0))
+#: Activation codes: uint8 with the fixed zero point 128; scale = max|x_t| / ACT_QMAX.
+ACT_ZERO_POINT = 128
+ACT_QMAX = 127
+#: Smallest max|x_t| used for a scale: an all-zero token gets codes 128 (exact zeros) and a
+#: finite scale instead of 0/0.
+AMAX_FLOOR = 2.0**-100
+SUPPORTED_BITS = (8,)
+
+
+def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 codes (zero point 128) and per-token scales (float32, ``x.shape[:-1] + (1,)``)
+    of ``x``, with the float32 operations of the ONNX form, so both give the same codes::
+
+        amax  = max(max|x_t|, AMAX_FLOOR)
+        codes = clamp(round(x * (127 / amax)) + 128, 0, 255)      scale = amax / 127
+    """
+    x = x.float()
+    amax = x.abs().amax(dim=-1, keepdim=True).clamp(min=AMAX_FLOOR)
+    qmax = torch.tensor(float(ACT_QMAX))
+    codes = torch.clamp(torch.round(x * (qmax / amax)) + ACT_ZERO_POINT, 0, 255)
+    return codes.to(torch.uint8), amax / qmax
+
+
+def fake_quantize_tokens(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (float32) after per-token quantization and dequantization: ``(q - 128) * scale``."""
+    codes, scale = quantize_tokens(x)
+    return (codes.float() - ACT_ZERO_POINT) * scale
+
+
+class DynamicQuantLinear(QuantWeightMixin, nn.Module):
+    """``nn.Linear`` with int8 per-channel weights and per-token dynamic int8 activations.
+
+    Computes ``fake_quantize_tokens(x) @ W.T + b`` in float32 (returned in ``x``'s float dtype),
+    where ``W`` is the dequantized stored weight.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, scheme: QScheme = WEIGHT_SCHEME
+    ) -> None:
+        super().__init__()
+        if scheme != WEIGHT_SCHEME:
+            raise CompactMLError(
+                f"DynamicQuantLinear stores int8 symmetric per-channel weights, got "
+                f"{scheme.describe()}; use compactml.quantize.dynamic.WEIGHT_SCHEME"
+            )
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self._init_storage(scheme, (self.out_features, self.in_features))
+        self.bias = nn.Parameter(torch.zeros(self.out_features)) if bias else None
+
+    @classmethod
+    def from_float(cls, module: nn.Linear) -> DynamicQuantLinear:
+        """Quantize ``module``'s weight to int8 per channel (the module itself is unchanged)."""
+        layer = cls(module.in_features, module.out_features, module.bias is not None)
+        layer._store(QWeight.from_float(module.weight, WEIGHT_SCHEME))
+        if module.bias is not None:
+            layer.bias = nn.Parameter(module.bias.detach().clone(), module.bias.requires_grad)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token quantized ``x`` times the dequantized weight, plus the bias (float32
+        arithmetic; the result has ``x``'s dtype)."""
+        if not x.is_floating_point():
+            raise CompactMLError(
+                f"DynamicQuantLinear needs a float input, got {x.dtype}; pass activations"
+            )
+        bias = None if self.bias is None else self.bias.float()
+        y = F.linear(fake_quantize_tokens(x), self.weight, bias)
+        return y.to(x.dtype)
+
+    def compactml_spec(self) -> dict[str, Any]:
+        """Constructor arguments as JSON-able values."""
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "scheme": self.scheme.to_dict(),
+        }
+
+    @classmethod
+    def from_compactml_spec(cls, args: dict[str, Any]) -> DynamicQuantLinear:
+        """An empty layer of the described shapes (its buffers are filled by load_state_dict)."""
+        scheme = scheme_from_dict(args["scheme"])
+        if not isinstance(scheme, QScheme):
+            raise ValueError("DynamicQuantLinear needs an integer weight scheme")
+        return cls(args["in_features"], args["out_features"], bool(args["bias"]), scheme)
+
+    def extra_repr(self) -> str:
+        """Shapes, and the weight and activation schemes (shown by ``print``)."""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, {self._scheme_repr()}, activation=uint8 per-token "
+            f"dynamic (zero point {ACT_ZERO_POINT})"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Dynamic(Technique):
+    """Dynamic INT8 quantization of linear layers: int8 per-channel weights, activations
+    quantized per token when the layer runs (no calibration data).
+
+    Args:
+        bits: 8 (the only width: integer kernels multiply 8-bit activations by 8-bit weights).
+        include, exclude: fnmatch patterns on module names.
+
+    Exported to ONNX as ``MatMulInteger`` on uint8 activations and int8 weights
+    (:mod:`compactml.export.onnx_dynamic`). Only ``nn.Linear`` layers are changed.
+    """
+
+    family = "quantize"
+    bits: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
+            raise CompactMLError(
+                f"Dynamic supports 8 bits only, got bits={self.bits!r}; use bits=8, or "
+                "WeightOnly(bits=...) for other widths"
+            )
+
+    def apply(self, model: nn.Module, task: Task | None = None) -> nn.Module:
+        """A copy of ``model`` whose selected Linear layers are :class:`DynamicQuantLinear`
+        (``task`` is not needed)."""
+        new = self.copy_model(model)
+        chosen = self.targets(new, (nn.Linear,))
+        if not chosen:
+            raise CompactMLError(
+                f"Dynamic found no Linear layer selected by include={list(self.include)} "
+                f"exclude={list(self.exclude)}; check the patterns against the model's "
+                "module names"
+            )
+        changed = []
+        for name, module in chosen:
+            layer = DynamicQuantLinear.from_float(module)
+            if name:
+                replace_module(new, name, layer)
+            else:  # the model is a single layer
+                new = set_source(layer, get_source(new)) if get_source(new) else layer
+            changed.append(name)
+        record(new, self, changed)
+        return new

@@ -1,0 +1,301 @@
+"""Static INT8 post-training quantization: ``Static`` (integer weights, calibrated uint8
+activations).
+
+:meth:`Static.apply`, top to bottom:
+
+1. copy the model and fold each BatchNorm2d into the Conv2d before it (``qat.fold_model``);
+2. trace one forward pass (:func:`~compactml.quantize.dataflow.trace_dataflow`) and place the
+   activation quantizers (:func:`plan_quantizers`) so that ONNX Runtime can run every Conv,
+   MatMul, residual Add and Concat on integers: the input of each quantized layer, its output
+   (after the ReLU that alone reads it, since ORT drops a ReLU before a zero-point-0 quantizer),
+   the output of each ReLU fed by a functional op (a residual add), and the output of a max pool
+   over a quantized tensor. Quantizers that see the same values (through views, flatten, max
+   pool) share one observer and so one scale: there are no Q-DQ-Q-DQ chains with two scales.
+   A model's own outputs (logits) stay float;
+3. replace each selected Linear/Conv2d by a QuantLinear/QuantConv2d with symmetric integer
+   weights (per output channel or per tensor, float16 scales);
+4. calibrate: run ``task.calib`` once through the model (quantized weights, float activations)
+   while every observer (:mod:`compactml.quantize.observers`) records its tensor;
+5. attach the quantizers: ``input_quant``/``output_quant`` of the layers, and
+   :class:`~compactml.quantize.modules.QuantOutput` around activations and pools.
+
+The PyTorch model returned is the accuracy reference: activations are fake-quantized with the
+exact ``QuantizeLinear`` arithmetic, weights are the integer codes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from compactml.config import Technique, record, replace_module
+from compactml.errors import CompactMLError
+from compactml.progress import progress_bar
+from compactml.quantize import affine
+from compactml.quantize.act import ActQuant
+from compactml.quantize.affine import PerChannel, PerTensor, QScheme
+from compactml.quantize.dataflow import Dataflow, trace_dataflow
+from compactml.quantize.modules import QuantConv2d, QuantLinear, QuantOutput
+from compactml.quantize.observers import OBSERVERS, Observer, make_observer
+from compactml.quantize.qat import fold_model
+from compactml.task import Task, eval_mode, split_batch
+
+STATIC_TYPES = (nn.Linear, nn.Conv2d)
+ACTIVATIONS = (nn.ReLU, nn.ReLU6)
+POOLS = (nn.MaxPool1d, nn.MaxPool2d)
+ACT_BITS = 8  # uint8 activations: what ONNX Runtime's fast U8S8 kernels take
+
+
+@dataclass
+class QuantPoint:
+    """One quantized tensor: where its observer looks (``module``, ``"input"`` or
+    ``"output"``), and where quantizers with its scale go (``(module, role)`` with role
+    ``input_quant``, ``output_quant`` or ``wrap`` for a QuantOutput)."""
+
+    module: str
+    side: str
+    uses: list[tuple[str, str]] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """``"<module> <side>"``, for errors and records."""
+        return f"{self.module or 'model'} {self.side}"
+
+
+def plan_quantizers(flow: Dataflow, layers: set[str]) -> dict[object, QuantPoint]:
+    """The activation quantizers for the quantized ``layers`` (module names) of a traced
+    model, keyed by the tensor they quantize (see the module docstring for the rules)."""
+    points: dict[object, QuantPoint] = {}
+
+    def use(key: object, module: str, side: str, role: str, user: str) -> None:
+        points.setdefault(key, QuantPoint(module, side)).uses.append((user, role))
+
+    wrapped: set[str] = set()
+    for node in flow.nodes:
+        if node.module is None or not node.inputs or not node.outputs:
+            continue
+        name, once = node.name, flow.calls[node.name] == 1
+        if name in layers:
+            key = flow.source(node.inputs[0]) if once else ("input", name)
+            pool = flow.producer.get(key)
+            if key not in points and pool is not None and _avg_pool(flow, pool):
+                use(key, pool.name, "output", "wrap", pool.name)  # QLinear(Global)AveragePool
+            use(key, name, "input", "input_quant", name)
+            out = node.outputs[0]
+            if out in flow.model_outputs:
+                continue  # logits stay float
+            reader = _reader(flow, out)
+            if once and reader is not None and _single_activation(flow, reader):
+                use(reader.outputs[0], reader.name, "output", "wrap", reader.name)
+                wrapped.add(reader.name)
+            else:
+                use(out if once else ("output", name), name, "output", "output_quant", name)
+        elif name in wrapped or not once:
+            continue
+        elif isinstance(node.module, ACTIVATIONS):
+            producer = flow.producer.get(node.inputs[0])
+            if producer is not None and producer.module is None and not producer.passthrough:
+                use(node.outputs[0], name, "output", "wrap", name)
+        elif isinstance(node.module, POOLS) and flow.source(node.inputs[0]) in points:
+            use(flow.source(node.inputs[0]), "", "", "wrap", name)  # joins the existing point
+    return points
+
+
+def _reader(flow: Dataflow, tensor: object) -> object:
+    """The only node reading ``tensor``, looking through Identity/Dropout modules (a folded
+    BatchNorm is an Identity between a conv and its ReLU); None when it has several."""
+    reader = flow.only_consumer(tensor)
+    while reader is not None and isinstance(reader.module, (nn.Identity, nn.Dropout)):
+        if flow.calls[reader.name] != 1 or not reader.outputs:
+            return None
+        reader = flow.only_consumer(reader.outputs[0])
+    return reader
+
+
+def _avg_pool(flow: Dataflow, node: object) -> bool:
+    """An average pool (global, or with a fixed window) called once."""
+    module = node.module
+    if flow.calls.get(node.name) != 1:
+        return False
+    if type(module) is nn.AdaptiveAvgPool2d:
+        return module.output_size in (1, (1, 1))
+    return type(module) is nn.AvgPool2d
+
+
+def _single_activation(flow: Dataflow, node: object) -> bool:
+    return isinstance(node.module, ACTIVATIONS) and flow.calls[node.name] == 1
+
+
+def calibrate(
+    model: nn.Module,
+    points: dict[object, QuantPoint],
+    observers: dict[object, Observer],
+    task: Task,
+    batches: int | None,
+    progress: bool,
+) -> int:
+    """Run ``task.calib`` (``batches`` of it, all when None) through ``model`` while each
+    point's observer records its tensor; returns the number of batches. Non-finite values
+    raise a CompactMLError naming the module."""
+
+    def look(point: QuantPoint, observer: Observer, value: object) -> None:
+        x = value[0] if isinstance(value, tuple) else value
+        if not isinstance(x, torch.Tensor):
+            return
+        if not bool(torch.isfinite(x).all()):
+            raise CompactMLError(
+                f"calibration produced NaN or inf at the {point.describe()} of layer "
+                f"{point.module!r}; check the model and the calibration data"
+            )
+        observer.observe(x)
+
+    handles = []
+    for key, point in points.items():
+        module, observer = model.get_submodule(point.module), observers[key]
+        if point.side == "input":
+            hook = module.register_forward_pre_hook(
+                lambda m, args, p=point, o=observer: look(p, o, args)
+            )
+        else:
+            hook = module.register_forward_hook(
+                lambda m, args, out, p=point, o=observer: look(p, o, out)
+            )
+        handles.append(hook)
+    seen = 0
+    try:
+        with eval_mode(model), torch.no_grad():
+            data = task.batches("calib", limit=batches)
+            for batch in progress_bar(data, "static calibration", total=batches, enabled=progress):
+                task.run(model, split_batch(batch)[0])
+                seen += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not seen:
+        raise CompactMLError("the task's calib data is empty; Static needs calibration batches")
+    return seen
+
+
+def attach(model: nn.Module, points: dict[object, QuantPoint], qparams: dict) -> list[str]:
+    """Put an ``ActQuant`` with each point's ``qparams[key] = (scale, zero_point)`` at every
+    use; returns the names of the wrapped modules."""
+    wrapped = []
+    for key, point in points.items():
+        scale, zero = qparams[key]
+        for name, role in point.uses:
+            module = model.get_submodule(name)
+            quant = ActQuant(ACT_BITS, False, scale, zero)
+            if role == "wrap":
+                replace_module(model, name, QuantOutput(module, quant))
+                wrapped.append(name)
+            else:
+                setattr(module, role, quant)
+    return wrapped
+
+
+@dataclasses.dataclass(frozen=True)
+class Static(Technique):
+    """Static post-training quantization: integer weights and uint8 activations whose scales
+    are calibrated once on ``task.calib`` (Jacob et al. 2018, "Quantization and Training of
+    Neural Networks for Efficient Integer-Arithmetic-Only Inference"), laid out for ONNX
+    Runtime's QDQ integer kernels (see the module docstring).
+
+    Args:
+        bits: weight bits (2 to 8; symmetric codes, float16 scales). Activations are uint8.
+        observer: how activation ranges are chosen: ``minmax``, ``percentile``, ``mse`` or
+            ``entropy`` (see :mod:`compactml.quantize.observers`).
+        percentile: the percentile kept by the ``percentile`` observer (both tails).
+        per_channel: one weight scale per output channel (else one per tensor).
+        calib_batches: batches of ``task.calib`` to calibrate on (None: all of them).
+        progress: show a progress bar over the calibration batches.
+        include, exclude: fnmatch patterns on module names (Linear and Conv2d are quantized).
+    """
+
+    family = "quantize"
+    bits: int = 8
+    observer: str = "minmax"
+    percentile: float = 99.99
+    per_channel: bool = True
+    calib_batches: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.scheme()  # validates bits
+        if self.observer not in OBSERVERS:
+            raise CompactMLError(
+                f"unknown observer {self.observer!r}; use one of {', '.join(OBSERVERS)}"
+            )
+        self.make_observer()  # validates percentile
+        batches = self.calib_batches
+        if batches is not None and (isinstance(batches, bool) or not isinstance(batches, int)):
+            raise CompactMLError(f"calib_batches must be an integer or None, got {batches!r}")
+        if batches is not None and batches < 1:
+            raise CompactMLError(f"calib_batches must be at least 1, got {batches}")
+        for name in ("per_channel", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise CompactMLError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    def scheme(self) -> QScheme:
+        """The weight :class:`QScheme`: symmetric, per output channel or per tensor."""
+        return QScheme(self.bits, True, PerChannel(0) if self.per_channel else PerTensor())
+
+    def make_observer(self) -> Observer:
+        """A new activation observer as configured."""
+        kwargs = {"percentile": self.percentile} if self.observer == "percentile" else {}
+        return make_observer(self.observer, **kwargs)
+
+    def _layers(self, model: nn.Module) -> tuple[list[str], dict[str, str]]:
+        names, skipped = [], {}
+        for name, module in self.targets(model, STATIC_TYPES):
+            try:
+                affine.param_shape(tuple(module.weight.shape), self.scheme().granularity)
+            except CompactMLError as exc:
+                skipped[name] = str(exc)
+                continue
+            names.append(name)
+        if not names:
+            raise CompactMLError(
+                f"Static found no Linear or Conv2d layer selected by include={list(self.include)}"
+                f" exclude={list(self.exclude)}; check the patterns against the module names"
+            )
+        return names, skipped
+
+    def apply(self, model: nn.Module, task: Task | None = None) -> nn.Module:
+        """A statically quantized copy of ``model`` (eval mode), calibrated on ``task.calib``."""
+        if not isinstance(task, Task) or not task.has("calib"):
+            raise CompactMLError(
+                "Static needs calibration data; pass quantize(model, Static(), task) with "
+                "Task(calib=[batches...])"
+            )
+        if type(model) in STATIC_TYPES:
+            raise CompactMLError(
+                "Static quantizes layers inside a model; wrap a single layer in nn.Sequential"
+            )
+        new = self.copy_model(model).eval()
+        names, skipped = self._layers(new)
+        convs = {n for n in names if isinstance(new.get_submodule(n), nn.Conv2d)}
+        folded = fold_model(new, convs, task)
+        flow = trace_dataflow(new, task.example_input(), task)
+        for name in [n for n in names if n not in flow.calls]:
+            skipped[name] = "never called in the forward pass"
+            names.remove(name)
+        points = plan_quantizers(flow, set(names))
+        for name in names:
+            module = new.get_submodule(name)
+            cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
+            replace_module(new, name, cls.from_float(module, self.scheme()))
+        observers = {key: self.make_observer() for key in points}
+        calibrate(new, points, observers, task, self.calib_batches, self.progress)
+        qparams = {key: obs.qparams(ACT_BITS, False) for key, obs in observers.items()}
+        wrapped = attach(new, points, qparams)
+        kept = [n for n, m in new.named_modules() if type(m) in STATIC_TYPES]
+        details = {
+            "activation_quantizers": sum(len(p.uses) for p in points.values()),
+            "activation_scales": len(points),
+            "float_layers": kept,
+        }
+        record(new, self, names + folded + wrapped, skipped, details)
+        return new.eval()
