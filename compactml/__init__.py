@@ -11,7 +11,15 @@ from compactml.export.onnx import export
 from compactml.export.signing import generate_keypair, write_keypair
 from compactml.profile import Profile, profile
 from compactml.profile.targets import load_targets
-from compactml.quantize import QAT, Half, MixedPrecision, WeightOnly, quantize
+from compactml.quantize import (
+    QAT,
+    Dynamic,
+    Half,
+    MixedPrecision,
+    Static,
+    WeightOnly,
+    quantize,
+)
 from compactml.task import Task
 from compactml.techniques import TECHNIQUES
 
@@ -21,12 +29,14 @@ __all__ = [
     "TECHNIQUES",
     "ArtifactError",
     "CompactMLError",
+    "Dynamic",
     "Half",
     "Metrics",
     "MixedPrecision",
     "Profile",
     "QAT",
     "SignatureError",
+    "Static",
     "Task",
     "__version__",
     "evaluate",

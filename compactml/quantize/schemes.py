@@ -10,12 +10,22 @@ from collections.abc import Callable
 
 from compactml.config import Technique
 from compactml.errors import CompactMLError
+from compactml.quantize.dynamic import Dynamic
+from compactml.quantize.ptq import Static
 from compactml.quantize.qat import QAT
 from compactml.quantize.weight_only import Half, WeightOnly
 
 SchemeFactory = Callable[[dict], Technique]
 
 SCHEMES: dict[str, tuple[SchemeFactory, str]] = {
+    "int8-static": (
+        lambda o: Static(bits=8, observer="percentile", **_common(o)),
+        "8-bit weights and activations, calibrated on task.calib (QLinearConv in ONNX Runtime)",
+    ),
+    "int8-dynamic": (
+        lambda o: Dynamic(bits=8, **_common(o)),
+        "8-bit weights, activations quantized per token at run time (linear layers)",
+    ),
     "int8-weight": (
         lambda o: WeightOnly(bits=8, group_size=o.get("group_size"), **_common(o)),
         "8-bit weights, per output channel (or --group-size); activations stay float",

@@ -270,3 +270,11 @@ def test_quantize_bad_input(capsys, tmp_path):
         ["quantize", "digits-cnn", "--scheme", "fp16", "-o", str(tmp_path / "file")],
         "is a file",
     )
+
+
+def test_quantize_int8_static_keeps_accuracy(capsys, tmp_path):
+    report = run_json(
+        capsys, "quantize", "digits-cnn", "--scheme", "int8-static", "-o", str(tmp_path / "s")
+    )
+    assert report["reference_metrics"]["top1"] - report["metrics"]["top1"] <= 0.005
+    assert report["profile"]["stored_bytes"] < 0.36 * 64_400
