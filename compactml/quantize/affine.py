@@ -80,6 +80,18 @@ class PerGroup:
 Granularity = PerTensor | PerChannel | PerGroup
 
 
+def weight_granularity(group_size: int | None) -> PerChannel | PerGroup:
+    """``PerGroup(group_size)``, or ``PerChannel(0)`` for None; a config's ``group_size`` check."""
+    if group_size is None:
+        return PerChannel(0)
+    if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+        raise CompactMLError(
+            f"group_size={group_size!r} is not supported; use one of "
+            f"{', '.join(map(str, GROUP_SIZES))}, or None for per-channel scales"
+        )
+    return PerGroup(group_size)
+
+
 @dataclass(frozen=True)
 class QScheme:
     """How to quantize a weight: ``bits`` (2..8), ``symmetric``, ``granularity``, and the dtype
@@ -256,7 +268,10 @@ def round_scale_up(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
     if dtype == torch.float32:
         return scale
     if bool((scale > torch.finfo(dtype).max).any()):
-        raise CompactMLError("weights are too large for float16 scales; pass scale_dtype='float32'")
+        raise CompactMLError(
+            "weights are too large for float16 scales (a scale above 65504); exclude the layer "
+            "or rescale its weights"
+        )
     stored = scale.to(dtype)
     low = stored.float() < scale
     bumped = torch.nextafter(stored, torch.tensor(math.inf, dtype=dtype))

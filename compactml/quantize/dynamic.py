@@ -32,12 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compactml.config import Technique, record, replace_module
+from compactml.config import Technique, record
 from compactml.errors import CompactMLError
 from compactml.quantize.affine import PerChannel, QScheme, scheme_from_dict
-from compactml.quantize.modules import QuantWeightMixin
+from compactml.quantize.modules import QuantWeightMixin, _bias_from
 from compactml.quantize.qweight import QWeight
-from compactml.source import get_source, set_source
+from compactml.quantize.swap import build_layers, check_some_built, set_layer, warn_skipped
 from compactml.task import Task
 
 #: The weight scheme: int8, symmetric, one float16 scale per output channel.
@@ -96,8 +96,7 @@ class DynamicQuantLinear(QuantWeightMixin, nn.Module):
         """Quantize ``module``'s weight to int8 per channel (the module itself is unchanged)."""
         layer = cls(module.in_features, module.out_features, module.bias is not None)
         layer._store(QWeight.from_float(module.weight, WEIGHT_SCHEME))
-        if module.bias is not None:
-            layer.bias = nn.Parameter(module.bias.detach().clone(), module.bias.requires_grad)
+        layer.bias = _bias_from(module)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,7 +146,9 @@ class Dynamic(Technique):
         include, exclude: fnmatch patterns on module names.
 
     Exported to ONNX as ``MatMulInteger`` on uint8 activations and int8 weights
-    (:mod:`compactml.export.onnx_dynamic`). Only ``nn.Linear`` layers are changed.
+    (:mod:`compactml.export.onnx_dynamic`). Only ``nn.Linear`` layers are changed; a layer
+    whose weight cannot be quantized (not finite, or too large for float16 scales) stays in
+    float and is named in a warning and in the model's history.
     """
 
     family = "quantize"
@@ -155,7 +156,7 @@ class Dynamic(Technique):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
+        if type(self.bits) is not int or self.bits not in SUPPORTED_BITS:
             raise CompactMLError(
                 f"Dynamic supports 8 bits only, got bits={self.bits!r}; use bits=8, or "
                 "WeightOnly(bits=...) for other widths"
@@ -172,13 +173,10 @@ class Dynamic(Technique):
                 f"exclude={list(self.exclude)}; check the patterns against the model's "
                 "module names"
             )
-        changed = []
-        for name, module in chosen:
-            layer = DynamicQuantLinear.from_float(module)
-            if name:
-                replace_module(new, name, layer)
-            else:  # the model is a single layer
-                new = set_source(layer, get_source(new)) if get_source(new) else layer
-            changed.append(name)
-        record(new, self, changed)
+        built, skipped = build_layers(chosen, DynamicQuantLinear.from_float)
+        check_some_built(built, skipped)
+        for name, layer in built.items():
+            new = set_layer(new, name, layer)
+        warn_skipped(self, skipped)
+        record(new, self, list(built), skipped)
         return new

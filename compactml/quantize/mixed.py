@@ -38,14 +38,14 @@ from typing import Any
 
 from torch import nn
 
-from compactml.config import HISTORY_ATTR, Technique, history, record, replace_module
+from compactml.config import Technique, record
 from compactml.errors import CompactMLError
 from compactml.quantize.affine import MAX_BITS, MIN_BITS, Scheme
 from compactml.quantize.modules import QUANT_MODULES
 from compactml.quantize.qweight import QWeight
 from compactml.quantize.sensitivity import MEASURES, check_batches, choose_bits, layer_sensitivity
+from compactml.quantize.swap import set_layer
 from compactml.quantize.weight_only import LAYER_TYPES, WeightOnly
-from compactml.source import get_source, set_source
 from compactml.task import Task, tensor_nbytes
 
 _UNITS = {"": 1, "b": 1, "kb": 2**10, "kib": 2**10, "mb": 2**20, "mib": 2**20}
@@ -386,11 +386,7 @@ def _build(config: MixedPrecision, model: nn.Module, plan: Plan) -> nn.Module:
     for layer in plan.layers:
         module = new.get_submodule(layer.name)
         quantized = _quantize_layer(module, config.weight_only(layer.bits).scheme(), config.clip)
-        if layer.name:
-            replace_module(new, layer.name, quantized)
-        else:  # the model is a single layer
-            new = set_source(quantized, get_source(new)) if get_source(new) else quantized
-            object.__setattr__(new, HISTORY_ATTR, history(model))
+        new = set_layer(new, layer.name, quantized)
     summary = {"measure": plan.measure, "budget": plan.budget, "layers": plan.table()}
     record(new, config, [layer.name for layer in plan.layers], plan.skipped, {"plan": summary})
     return new

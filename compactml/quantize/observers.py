@@ -186,7 +186,13 @@ class MSEObserver(HistogramObserver):
 
     def __init__(self, steps: int = 200, min_ratio: float = 0.05, bins: int = DEFAULT_BINS):
         super().__init__(bins)
-        self.steps, self.min_ratio = int(steps), float(min_ratio)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise CompactMLError(f"steps must be an integer >= 1, got {steps!r}")
+        if isinstance(min_ratio, bool) or not isinstance(min_ratio, int | float):
+            raise CompactMLError(f"min_ratio must be a number in (0, 1], got {min_ratio!r}")
+        if not 0.0 < min_ratio <= 1.0:
+            raise CompactMLError(f"min_ratio must be in (0, 1], got {min_ratio}")
+        self.steps, self.min_ratio = steps, float(min_ratio)
 
     def error(self, lo: float, hi: float, bits: int, signed: bool) -> float:
         """Expected squared error (summed over the histogram) of quantizing to ``[lo, hi]``."""
@@ -214,7 +220,8 @@ def kl_threshold_bin(counts: np.ndarray, levels: int) -> int:
 
     For each ``i``: P is ``counts[:i]`` with everything beyond folded into its last bin; Q
     merges ``counts[:i]`` into ``levels`` chunks and spreads each chunk's total evenly over
-    its non-empty bins; the cost is ``KL(P || Q)`` of the normalized distributions.
+    the bins where P is non-empty (P, outliers included, as TensorRT and ONNX Runtime do); the
+    cost is ``KL(P || Q)`` of the normalized distributions.
     """
     counts = np.asarray(counts, np.float64)
     n = len(counts)
@@ -227,7 +234,7 @@ def kl_threshold_bin(counts: np.ndarray, levels: int) -> int:
         if i < n:
             p[-1] += tail[i]
         starts = (np.arange(levels) * i) // levels
-        nonzero = (counts[:i] > 0).astype(np.float64)
+        nonzero = (p > 0).astype(np.float64)
         totals = np.add.reduceat(counts[:i], starts)
         filled = np.add.reduceat(nonzero, starts)
         per = np.divide(totals, filled, out=np.zeros_like(totals), where=filled > 0)
@@ -241,6 +248,14 @@ def kl_threshold_bin(counts: np.ndarray, levels: int) -> int:
         if kl < best_kl:
             best_i, best_kl = i, kl
     return best_i
+
+
+def coarsen(counts: np.ndarray, stride: int) -> np.ndarray:
+    """``counts`` summed over runs of ``stride`` bins, padded with empty bins to a whole number
+    of runs so the last bins (the largest values) are kept where they are."""
+    pad = -len(counts) % stride
+    padded = np.concatenate([np.asarray(counts, np.float64), np.zeros(pad)])
+    return padded.reshape(-1, stride).sum(1)
 
 
 class EntropyObserver(HistogramObserver):
@@ -260,9 +275,8 @@ class EntropyObserver(HistogramObserver):
         levels = (1 << bits) - 1 if self.min >= 0 else 1 << (bits - 1)
         if self.min >= 0:  # the spike of ReLU zeros is exact at zero point 0 whatever the range
             counts = np.concatenate([[0.0], counts[1:]])
-        if self.stride > 1:  # coarser bins, same range
-            n = len(counts) // self.stride * self.stride
-            counts, width = counts[:n].reshape(-1, self.stride).sum(1), width * self.stride
+        if self.stride > 1:
+            counts, width = coarsen(counts, self.stride), width * self.stride
         t = kl_threshold_bin(counts, levels) * width
         return max(self.min, -t), min(self.max, t)
 

@@ -26,42 +26,26 @@ exact ``QuantizeLinear`` arithmetic, weights are the integer codes.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from compactml.config import Technique, record, replace_module
 from compactml.errors import CompactMLError
-from compactml.progress import progress_bar
 from compactml.quantize import affine
 from compactml.quantize.act import ActQuant
 from compactml.quantize.affine import PerChannel, PerTensor, QScheme
+from compactml.quantize.calibration import QuantPoint, calibrate, point_qparams
 from compactml.quantize.dataflow import Dataflow, trace_dataflow
 from compactml.quantize.modules import QuantConv2d, QuantLinear, QuantOutput
-from compactml.quantize.observers import OBSERVERS, Observer, make_observer
+from compactml.quantize.observers import OBSERVERS, Observer, PercentileObserver, make_observer
 from compactml.quantize.qat import fold_model
-from compactml.task import Task, eval_mode, split_batch
+from compactml.quantize.swap import build_layers, check_some_built, warn_skipped
+from compactml.task import Task
 
 STATIC_TYPES = (nn.Linear, nn.Conv2d)
 ACTIVATIONS = (nn.ReLU, nn.ReLU6)
 POOLS = (nn.MaxPool1d, nn.MaxPool2d)
 ACT_BITS = 8  # uint8 activations: what ONNX Runtime's fast U8S8 kernels take
-
-
-@dataclass
-class QuantPoint:
-    """One quantized tensor: where its observer looks (``module``, ``"input"`` or
-    ``"output"``), and where quantizers with its scale go (``(module, role)`` with role
-    ``input_quant``, ``output_quant`` or ``wrap`` for a QuantOutput)."""
-
-    module: str
-    side: str
-    uses: list[tuple[str, str]] = field(default_factory=list)
-
-    def describe(self) -> str:
-        """``"<module> <side>"``, for errors and records."""
-        return f"{self.module or 'model'} {self.side}"
 
 
 def plan_quantizers(flow: Dataflow, layers: set[str]) -> dict[object, QuantPoint]:
@@ -128,56 +112,6 @@ def _single_activation(flow: Dataflow, node: object) -> bool:
     return isinstance(node.module, ACTIVATIONS) and flow.calls[node.name] == 1
 
 
-def calibrate(
-    model: nn.Module,
-    points: dict[object, QuantPoint],
-    observers: dict[object, Observer],
-    task: Task,
-    batches: int | None,
-    progress: bool,
-) -> int:
-    """Run ``task.calib`` (``batches`` of it, all when None) through ``model`` while each
-    point's observer records its tensor; returns the number of batches. Non-finite values
-    raise a CompactMLError naming the module."""
-
-    def look(point: QuantPoint, observer: Observer, value: object) -> None:
-        x = value[0] if isinstance(value, tuple) else value
-        if not isinstance(x, torch.Tensor):
-            return
-        if not bool(torch.isfinite(x).all()):
-            raise CompactMLError(
-                f"calibration produced NaN or inf at the {point.describe()} of layer "
-                f"{point.module!r}; check the model and the calibration data"
-            )
-        observer.observe(x)
-
-    handles = []
-    for key, point in points.items():
-        module, observer = model.get_submodule(point.module), observers[key]
-        if point.side == "input":
-            hook = module.register_forward_pre_hook(
-                lambda m, args, p=point, o=observer: look(p, o, args)
-            )
-        else:
-            hook = module.register_forward_hook(
-                lambda m, args, out, p=point, o=observer: look(p, o, out)
-            )
-        handles.append(hook)
-    seen = 0
-    try:
-        with eval_mode(model), torch.no_grad():
-            data = task.batches("calib", limit=batches)
-            for batch in progress_bar(data, "static calibration", total=batches, enabled=progress):
-                task.run(model, split_batch(batch)[0])
-                seen += 1
-    finally:
-        for handle in handles:
-            handle.remove()
-    if not seen:
-        raise CompactMLError("the task's calib data is empty; Static needs calibration batches")
-    return seen
-
-
 def attach(model: nn.Module, points: dict[object, QuantPoint], qparams: dict) -> list[str]:
     """Put an ``ActQuant`` with each point's ``qparams[key] = (scale, zero_point)`` at every
     use; returns the names of the wrapped modules."""
@@ -206,11 +140,17 @@ class Static(Technique):
         bits: weight bits (2 to 8; symmetric codes, float16 scales). Activations are uint8.
         observer: how activation ranges are chosen: ``minmax``, ``percentile``, ``mse`` or
             ``entropy`` (see :mod:`compactml.quantize.observers`).
-        percentile: the percentile kept by the ``percentile`` observer (both tails).
+        percentile: the percentile kept by the ``percentile`` observer (both tails); checked
+            whichever observer is chosen.
         per_channel: one weight scale per output channel (else one per tensor).
         calib_batches: batches of ``task.calib`` to calibrate on (None: all of them).
         progress: show a progress bar over the calibration batches.
         include, exclude: fnmatch patterns on module names (Linear and Conv2d are quantized).
+
+    Layers whose weight cannot be quantized (not finite, too large for float16 scales, a shape
+    the granularity cannot split) stay in float and are named in a warning and in the model's
+    history. A layer that runs on the example input but that the calibration batches never
+    reach is an error naming it.
     """
 
     family = "quantize"
@@ -228,7 +168,7 @@ class Static(Technique):
             raise CompactMLError(
                 f"unknown observer {self.observer!r}; use one of {', '.join(OBSERVERS)}"
             )
-        self.make_observer()  # validates percentile
+        PercentileObserver(self.percentile)  # validates percentile, whichever observer is used
         batches = self.calib_batches
         if batches is not None and (isinstance(batches, bool) or not isinstance(batches, int)):
             raise CompactMLError(f"calib_batches must be an integer or None, got {batches!r}")
@@ -263,6 +203,10 @@ class Static(Technique):
             )
         return names, skipped
 
+    def _quantized_layer(self, module: nn.Module) -> nn.Module:
+        cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
+        return cls.from_float(module, self.scheme())
+
     def apply(self, model: nn.Module, task: Task | None = None) -> nn.Module:
         """A statically quantized copy of ``model`` (eval mode), calibrated on ``task.calib``."""
         if not isinstance(task, Task) or not task.has("calib"):
@@ -282,14 +226,19 @@ class Static(Technique):
         for name in [n for n in names if n not in flow.calls]:
             skipped[name] = "never called in the forward pass"
             names.remove(name)
+        built, failed = build_layers(
+            [(n, new.get_submodule(n)) for n in names], self._quantized_layer
+        )
+        check_some_built(built, failed)
+        skipped.update(failed)
+        names = list(built)
         points = plan_quantizers(flow, set(names))
-        for name in names:
-            module = new.get_submodule(name)
-            cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
-            replace_module(new, name, cls.from_float(module, self.scheme()))
+        for name, layer in built.items():
+            replace_module(new, name, layer)
         observers = {key: self.make_observer() for key in points}
         calibrate(new, points, observers, task, self.calib_batches, self.progress)
-        qparams = {key: obs.qparams(ACT_BITS, False) for key, obs in observers.items()}
+        qparams = point_qparams(points, observers, ACT_BITS, False)
+        warn_skipped(self, skipped)
         wrapped = attach(new, points, qparams)
         kept = [n for n, m in new.named_modules() if type(m) in STATIC_TYPES]
         details = {

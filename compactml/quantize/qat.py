@@ -36,14 +36,17 @@ from compactml.errors import CompactMLError
 from compactml.progress import progress_bar
 from compactml.quantize import affine
 from compactml.quantize.act import ActQuant, act_qparams, grad_scale
-from compactml.quantize.affine import GROUP_SIZES, PerChannel, PerGroup, QScheme
+from compactml.quantize.affine import QScheme, weight_granularity
+from compactml.quantize.calibration import QuantPoint, calibrate
 from compactml.quantize.modules import QuantConv2d, QuantLinear
+from compactml.quantize.observers import MinMaxObserver
 from compactml.quantize.qweight import QWeight
-from compactml.source import get_source, set_source
-from compactml.task import Task, eval_mode, split_batch
+from compactml.quantize.swap import set_layer, warn_skipped
+from compactml.task import Task, eval_mode
 
 FLOAT16_MAX = float(torch.finfo(torch.float16).max)
 QAT_TYPES = (nn.Linear, nn.Conv2d)
+NEVER_REACHED = "the calibration batches never reached it (no input to set its activation scale)"
 
 
 # ---------------------------------------------------------------- BatchNorm folding
@@ -217,33 +220,17 @@ class QATLayer(nn.Module):
 # ---------------------------------------------------------------- calibration and training
 
 
-def input_ranges(model: nn.Module, names: list[str], task: Task, batches: int) -> dict:
-    """``{name: (min, max)}`` of the input of each named module over ``batches`` batches of
-    ``task.calib`` (``task.train`` when the task has no calibration data)."""
+def input_observers(
+    model: nn.Module, names: list[str], task: Task, batches: int, progress: bool
+) -> dict[str, MinMaxObserver]:
+    """A :class:`MinMaxObserver` of the input of each named module, fed ``batches`` batches of
+    ``task.calib`` (``task.train`` when the task has no calibration data) by
+    :func:`compactml.quantize.calibration.calibrate` (NaN or inf raise, naming the layer)."""
     split = "calib" if task.has("calib") else "train"
-    ranges: dict[str, list[float]] = {name: [math.inf, -math.inf] for name in names}
-
-    def hook(module: nn.Module, args: tuple, name: str) -> None:
-        x = args[0].detach()
-        ranges[name][0] = min(ranges[name][0], float(x.min()))
-        ranges[name][1] = max(ranges[name][1], float(x.max()))
-
-    handles = [
-        model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n))
-        for n in names
-    ]
-    seen = 0
-    try:
-        with eval_mode(model), torch.no_grad():
-            for batch in task.batches(split, limit=batches):
-                task.run(model, split_batch(batch)[0])
-                seen += 1
-    finally:
-        for handle in handles:
-            handle.remove()
-    if not seen:
-        raise CompactMLError(f"the task's {split} data is empty; QAT needs batches to calibrate")
-    return {name: tuple(r) for name, r in ranges.items()}
+    points = {name: QuantPoint(name, "input") for name in names}
+    observers = {name: MinMaxObserver() for name in names}
+    calibrate(model, points, observers, task, batches, progress, split=split, who="QAT")
+    return observers
 
 
 def train(model: nn.Module, task: Task, epochs: int, lr: float, progress: bool) -> None:
@@ -273,15 +260,6 @@ def train(model: nn.Module, task: Task, epochs: int, lr: float, progress: bool) 
 # ---------------------------------------------------------------- the config
 
 
-def _set_layer(model: nn.Module, name: str, layer: nn.Module) -> nn.Module:
-    """Put ``layer`` at ``name`` in ``model``; returns the model (``layer`` itself for name "",
-    keeping the model's recorded source)."""
-    if name:
-        replace_module(model, name, layer)
-        return model
-    return set_source(layer, get_source(model)) if get_source(model) else layer
-
-
 @dataclasses.dataclass(frozen=True)
 class QAT(Technique):
     """Quantization-aware training with learned step sizes (LSQ: Esser et al. 2020, "Learned
@@ -306,7 +284,11 @@ class QAT(Technique):
         include, exclude: fnmatch patterns on module names (Linear and Conv2d are quantized).
 
     BatchNorm2d layers right after a selected Conv2d are folded into it first (and become
-    ``nn.Identity``); other BatchNorm layers keep their statistics during training.
+    ``nn.Identity``); other BatchNorm layers keep their statistics during training. Layers the
+    scheme cannot handle (a group size that does not divide the row, a weight with NaN or inf)
+    and, with ``act_bits`` set, layers the calibration batches never reach stay in float and
+    are named in a warning and in the model's history; NaN or inf in a calibrated layer's
+    input is an error naming the layer.
     """
 
     family = "quantize"
@@ -321,13 +303,7 @@ class QAT(Technique):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.group_size is not None and (
-            isinstance(self.group_size, bool) or self.group_size not in GROUP_SIZES
-        ):
-            raise CompactMLError(
-                f"group_size={self.group_size!r} is not supported; use one of "
-                f"{', '.join(map(str, GROUP_SIZES))}, or None for per-channel scales"
-            )
+        weight_granularity(self.group_size)  # validates group_size
         self.scheme()  # validates weight_bits
         if self.act_bits is not None:
             ActQuant(bits=self.act_bits)  # validates act_bits
@@ -335,7 +311,8 @@ class QAT(Technique):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise CompactMLError(f"{field} must be an integer >= {low}, got {value!r}")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, int | float) or not self.lr > 0:
+        lr = self.lr
+        if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < math.inf:
             raise CompactMLError(f"lr must be a positive number such as 1e-4, got {self.lr!r}")
         for field in ("learn_scales", "progress"):
             if not isinstance(getattr(self, field), bool):
@@ -343,8 +320,7 @@ class QAT(Technique):
 
     def scheme(self) -> QScheme:
         """The weight :class:`QScheme` (symmetric, per-channel or per-group, float16 scales)."""
-        gran = PerChannel(0) if self.group_size is None else PerGroup(self.group_size)
-        return QScheme(self.weight_bits, True, gran)
+        return QScheme(self.weight_bits, True, weight_granularity(self.group_size))
 
     def _chosen(self, model: nn.Module) -> tuple[list[str], dict[str, str]]:
         """Names of the layers to quantize, and the skipped ones with the reason."""
@@ -360,6 +336,9 @@ class QAT(Technique):
                 affine.param_shape(tuple(module.weight.shape), self.scheme().granularity)
             except CompactMLError as exc:
                 skipped[name] = str(exc)
+                continue
+            if not bool(torch.isfinite(module.weight).all()):
+                skipped[name] = "the weight has NaN or inf values; fix the weights or exclude it"
                 continue
             names.append(name)
         if not names:
@@ -378,16 +357,27 @@ class QAT(Technique):
 
     def prepare(self, model: nn.Module, task: Task) -> tuple[nn.Module, list[str], list[str]]:
         """A copy of ``model`` ready to train: BatchNorms folded, selected layers swapped for
-        :class:`QATLayer`. Returns it, the quantized names and the folded BatchNorm names."""
+        :class:`QATLayer`. Returns it, the quantized names and the folded BatchNorm names.
+
+        With ``act_bits`` set, a selected layer the calibration batches never reach (no input
+        to set its activation scale from) stays in float and is left out of the names;
+        :meth:`apply` lists it in a warning and in the model's history."""
         new = self.copy_model(model)
         names, _ = self._chosen(new)
         convs = {n for n in names if isinstance(new.get_submodule(n), nn.Conv2d)}
         folded = fold_model(new, convs, task)
-        ranges: dict[str, Any] = {}
+        ranges: dict[str, tuple[float, float]] = {}
         if self.act_bits is not None:
-            ranges = input_ranges(new, names, task, self.calib_batches)
+            observers = input_observers(new, names, task, self.calib_batches, self.progress)
+            ranges = {n: (obs.lo, obs.hi) for n, obs in observers.items() if obs.seen}
+            if not ranges:
+                raise CompactMLError(
+                    f"the calibration batches never reached any selected layer "
+                    f"({', '.join(n or 'model' for n in names)}); check the task's data"
+                )
+            names = [n for n in names if n in ranges]
         for name in names:
-            new = _set_layer(new, name, self._qat_layer(new.get_submodule(name), ranges.get(name)))
+            new = set_layer(new, name, self._qat_layer(new.get_submodule(name), ranges.get(name)))
         return new, names, folded
 
     def apply(self, model: nn.Module, task: Task | None = None) -> nn.Module:
@@ -396,11 +386,15 @@ class QAT(Technique):
             raise CompactMLError(
                 "QAT needs a Task with calib and train batches; pass quantize(model, QAT(), task)"
             )
-        _, skipped = self._chosen(model)
+        chosen, skipped = self._chosen(model)
         new, names, folded = self.prepare(model, task)
+        for name in chosen:
+            if name not in names:
+                skipped[name] = NEVER_REACHED
+        warn_skipped(self, skipped)
         if self.epochs:
             train(new, task, self.epochs, float(self.lr), self.progress)
         for name in names:
-            new = _set_layer(new, name, new.get_submodule(name).freeze())
+            new = set_layer(new, name, new.get_submodule(name).freeze())
         record(new, self, names + folded, skipped)
         return new.eval()

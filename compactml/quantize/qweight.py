@@ -40,12 +40,18 @@ class QWeight:
     @classmethod
     def from_float(cls, w: torch.Tensor, scheme: Scheme, clip: str = "none") -> QWeight:
         """Quantize the float weight ``w`` with round-to-nearest; ``clip="mse"`` searches a
-        per-block clipping range first (:func:`compactml.quantize.clip.mse_clip`)."""
+        per-block clipping range first (:func:`compactml.quantize.clip.mse_clip`). ``w`` must
+        be finite; the result never shares memory with it."""
         w = w.detach()
         if not w.is_floating_point():
             raise CompactMLError(f"cannot quantize a {w.dtype} weight; weights must be float")
-        if isinstance(scheme, FloatScheme):
-            return cls(w.to(scheme.torch_dtype).contiguous(), None, None, scheme, tuple(w.shape))
+        if not bool(torch.isfinite(w).all()):
+            raise CompactMLError(
+                "the weight has NaN or inf values; fix the model's weights or exclude the layer"
+            )
+        if isinstance(scheme, FloatScheme):  # a copy: never the caller's tensor
+            data = w.to(scheme.torch_dtype, copy=True).contiguous()
+            return cls(data, None, None, scheme, tuple(w.shape))
         scale, zero = clipped_qparams(w.float(), scheme, clip)
         codes = affine.quantize(w.float(), scale, zero, scheme)
         data = affine.pack(codes, scheme.bits)

@@ -39,10 +39,10 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from compactml.config import replace_module
 from compactml.errors import CompactMLError
 from compactml.evaluate import PRIMARY, evaluate
 from compactml.progress import progress_bar
+from compactml.quantize.swap import set_layer
 from compactml.task import Task, eval_mode, primary_output, split_batch
 
 #: A function from a float layer to its compressed replacement (the layer is left unchanged).
@@ -83,7 +83,9 @@ def choose_bits(
     work (sparsities, ranks). Exact when the budget's slack above the cheapest choice is at most
     ``max_steps`` cost units; above that, costs are rounded *up* to units of
     ``ceil(slack / max_steps)``, so the answer always fits the budget and is near-optimal. On
-    equal loss the costlier option (more bits) wins. NaN losses count as infinite.
+    equal loss the costlier option (more bits) wins. NaN losses count as infinite; totals are
+    compared first by their number of infinite terms, then by the sum of the finite ones, so a
+    layer that is infinite at every option does not stop the others from being chosen well.
     """
     if set(costs) != set(losses) or any(set(costs[n]) != set(losses[n]) for n in costs):
         raise CompactMLError("costs and losses must name the same layers and options")
@@ -99,21 +101,27 @@ def choose_bits(
         )
     unit = max(1, math.ceil(slack / max_steps))
     steps = slack // unit
-    best = np.zeros(steps + 1)  # best[j]: least loss of the layers so far with extra cost <= j
+    # best[j] = (infinite terms, finite loss) of the layers so far with extra cost <= j,
+    # compared in that order: one layer that is infinite at every option must not make the
+    # others' choices irrelevant (inf + anything = inf).
+    best_inf, best = np.zeros(steps + 1), np.zeros(steps + 1)
     options, extra, picks = [], [], []
     for name in names:
         opts = sorted(costs[name], key=lambda b: (costs[name][b], b), reverse=True)
         ext = [math.ceil((costs[name][b] - floor[name]) / unit) for b in opts]
-        new, arg = np.full(steps + 1, np.inf), np.full(steps + 1, len(opts) - 1)
+        new_inf, new = np.full(steps + 1, np.inf), np.full(steps + 1, np.inf)
+        arg = np.full(steps + 1, len(opts) - 1)
         for k, (b, c) in enumerate(zip(opts, ext, strict=True)):
             if c > steps:
                 continue
             loss = float(losses[name][b])
-            cand = np.full(steps + 1, np.inf)
-            cand[c:] = best[: steps + 1 - c] + (np.inf if math.isnan(loss) else loss)
-            better = cand < new
-            new[better], arg[better] = cand[better], k
-        best = new
+            infinite = not math.isfinite(loss)
+            cand_inf, cand = np.full(steps + 1, np.inf), np.full(steps + 1, np.inf)
+            cand_inf[c:] = best_inf[: steps + 1 - c] + infinite
+            cand[c:] = best[: steps + 1 - c] + (0.0 if infinite else loss)
+            better = (cand_inf < new_inf) | ((cand_inf == new_inf) & (cand < new))
+            new_inf[better], new[better], arg[better] = cand_inf[better], cand[better], k
+        best_inf, best = new_inf, new
         options.append(opts), extra.append(ext), picks.append(arg)
     chosen, j = {}, steps
     for i in reversed(range(len(names))):
@@ -220,14 +228,6 @@ def check_batches(batches: int | None) -> None:
         raise CompactMLError(f"batches must be a positive number or None, got {batches!r}")
 
 
-def _swap(work: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """``work`` with ``new`` at ``name`` (the new layer itself when ``name`` is the root)."""
-    if not name:
-        return new
-    replace_module(work, name, new)
-    return work
-
-
 def layer_sensitivity(
     model: nn.Module,
     task: Task | None,
@@ -263,6 +263,6 @@ def layer_sensitivity(
         except CompactMLError as exc:
             failed.setdefault(layer, {})[variant] = str(exc)
             continue
-        damage[layer][variant] = scorer(_swap(work, layer, new))
-        _swap(work, layer, original)
+        damage[layer][variant] = scorer(set_layer(work, layer, new))
+        set_layer(work, layer, original)
     return Sensitivity(damage, failed, scorer.describe, scorer.baseline)

@@ -10,23 +10,15 @@ in float, are named in a warning, and are recorded on the returned model
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 from torch import nn
 
-from compactml.config import Technique, record, replace_module
+from compactml.config import Technique, record
 from compactml.errors import CompactMLError
-from compactml.quantize.affine import (
-    GROUP_SIZES,
-    FloatScheme,
-    PerChannel,
-    PerGroup,
-    QScheme,
-    Scheme,
-)
+from compactml.quantize.affine import FloatScheme, QScheme, Scheme, weight_granularity
 from compactml.quantize.clip import CLIP_METHODS
 from compactml.quantize.modules import QUANT_MODULES
-from compactml.source import get_source, set_source
+from compactml.quantize.swap import build_layers, check_some_built, set_layer, warn_skipped
 from compactml.task import Task
 
 LAYER_TYPES = "Linear, Conv2d or Embedding"
@@ -48,28 +40,14 @@ def swap_layers(
             f"include={list(technique.include)} exclude={list(technique.exclude)}; "
             "check the patterns against the model's module names"
         )
-    changed: list[str] = []
-    skipped: dict[str, str] = {}
-    for name, module in chosen:
-        try:
-            layer = QUANT_MODULES[type(module)].from_float(module, scheme, clip)
-        except CompactMLError as exc:
-            skipped[name] = str(exc)
-            continue
-        if name:
-            replace_module(new, name, layer)
-        else:  # the model is a single layer
-            new = set_source(layer, get_source(new)) if get_source(new) else layer
-        changed.append(name)
-    if not changed:
-        name, reason = next(iter(skipped.items()))
-        raise CompactMLError(f"no selected layer can be quantized; {name or 'model'}: {reason}")
-    if skipped:
-        listed = "; ".join(f"{name}: {reason}" for name, reason in skipped.items())
-        warnings.warn(
-            f"{type(technique).__name__} kept {len(skipped)} layer(s) in float: {listed}",
-            stacklevel=3,
-        )
+    built, skipped = build_layers(
+        chosen, lambda module: QUANT_MODULES[type(module)].from_float(module, scheme, clip)
+    )
+    check_some_built(built, skipped)
+    for name, layer in built.items():
+        new = set_layer(new, name, layer)
+    warn_skipped(technique, skipped)
+    changed = list(built)
     record(new, technique, changed, skipped)
     return new
 
@@ -99,13 +77,7 @@ class WeightOnly(Technique):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.group_size is not None and (
-            isinstance(self.group_size, bool) or self.group_size not in GROUP_SIZES
-        ):
-            raise CompactMLError(
-                f"group_size={self.group_size!r} is not supported; use one of "
-                f"{', '.join(map(str, GROUP_SIZES))}, or None for per-channel scales"
-            )
+        weight_granularity(self.group_size)  # validates group_size
         if not isinstance(self.symmetric, bool):
             raise CompactMLError(f"symmetric must be true or false, got {self.symmetric!r}")
         if self.clip not in CLIP_METHODS:
@@ -116,8 +88,7 @@ class WeightOnly(Technique):
 
     def scheme(self) -> QScheme:
         """The :class:`QScheme` this config quantizes with."""
-        gran = PerChannel(0) if self.group_size is None else PerGroup(self.group_size)
-        return QScheme(self.bits, self.symmetric, gran)
+        return QScheme(self.bits, self.symmetric, weight_granularity(self.group_size))
 
     def apply(self, model: nn.Module, task: Task | None = None) -> nn.Module:
         """A copy of ``model`` with weight-quantized layers (``task`` is not needed)."""

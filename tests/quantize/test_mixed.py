@@ -59,6 +59,40 @@ def test_choose_bits_matches_brute_force():
         assert total(losses, choice) == pytest.approx(brute_force(costs, losses, budget))
 
 
+def _key(table, choice):
+    """(number of infinite terms, sum of the finite ones): how choose_bits ranks totals."""
+    values = [table[name][bits] for name, bits in choice.items()]
+    return sum(not math.isfinite(v) for v in values), sum(v for v in values if math.isfinite(v))
+
+
+def test_choose_bits_with_infinite_losses_matches_brute_force():
+    rng = random.Random(2)
+    for _ in range(300):
+        costs, losses, budget = random_instance(rng)
+        for name in losses:  # some options, and sometimes a whole layer, infinitely damaging
+            always = rng.random() < 0.2
+            for b in losses[name]:
+                if always or rng.random() < 0.3:
+                    losses[name][b] = rng.choice([math.inf, math.nan])
+        choice = choose_bits(costs, losses, budget)
+        assert total(costs, choice) <= budget
+        fits = [
+            dict(zip(costs, combo, strict=True))
+            for combo in itertools.product(*(list(costs[n]) for n in costs))
+            if sum(costs[n][b] for n, b in zip(costs, combo, strict=True)) <= budget
+        ]
+        best = min(_key(losses, c) for c in fits)
+        assert _key(losses, choice)[0] == best[0]
+        assert _key(losses, choice)[1] == pytest.approx(best[1])
+
+
+def test_a_layer_infinite_at_every_option_does_not_starve_the_others():
+    costs = {"a": {8: 8, 4: 4, 2: 2}, "b": {8: 8, 4: 4, 2: 2}}
+    losses = {"a": dict.fromkeys((8, 4, 2), math.inf), "b": {8: 0.0, 4: 1.0, 2: 100.0}}
+    assert choose_bits(costs, losses, budget=100)["b"] == 8
+    assert choose_bits(costs, losses, budget=6) == {"a": 2, "b": 4}
+
+
 def test_choose_bits_with_coarse_steps_still_fits():
     rng = random.Random(1)
     for _ in range(100):
