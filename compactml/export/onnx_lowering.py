@@ -43,14 +43,15 @@ from torch import nn
 from compactml.errors import CompactMLError
 from compactml.export import onnx_static
 from compactml.export.onnx_dynamic import lower_dynamic_quant_linear
+from compactml.export.onnx_static import to_numpy
+from compactml.quantize.act import code_range
 from compactml.quantize.affine import FloatScheme, PerChannel, PerGroup, QScheme
 from compactml.quantize.dynamic import DynamicQuantLinear
 from compactml.quantize.modules import QuantConv2d, QuantEmbedding, QuantLinear, QuantOutput
 from compactml.quantize.qweight import QWeight
 
-#: MatMulNBits settings: ORT's accuracy level 0 (unset: accumulate in float32 like PyTorch).
+#: Weight widths lowered to MatMulNBits.
 MATMUL_NBITS_BITS = (4,)
-MATMUL_NBITS_ACCURACY_LEVEL = 0
 MS_DOMAIN = "com.microsoft"
 
 
@@ -79,10 +80,6 @@ class Lowered:
         return output
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()
-
-
 # ---------------------------------------------------------------- activations
 
 
@@ -92,8 +89,8 @@ def _input_qdq(layer: nn.Module, out: Lowered, x: str, prefix: str) -> str:
     if quant is None:
         return x
     bits, signed = int(quant.bits), bool(quant.signed)
-    scale = np.float32(_np(quant.scale).reshape(()))
-    zero = int(_np(quant.zero_point).reshape(()))
+    scale = np.float32(to_numpy(quant.scale).reshape(()))
+    zero = int(to_numpy(quant.zero_point).reshape(()))
     if bits == 8:
         zdtype = np.int8 if signed else np.uint8
         s = out.const(f"{prefix}.input_scale", np.array(scale, np.float32))
@@ -101,7 +98,7 @@ def _input_qdq(layer: nn.Module, out: Lowered, x: str, prefix: str) -> str:
         q = out.node("QuantizeLinear", [x, s, z], f"{prefix}.input_q")
         return out.node("DequantizeLinear", [q, s, z], f"{prefix}.input_dq")
     # Narrower activations: the same arithmetic in float (no int4 activation type in opset 17).
-    qmin, qmax = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    qmin, qmax = code_range(bits, signed)
     s = out.const(f"{prefix}.input_scale", np.array(scale, np.float32))
     z = out.const(f"{prefix}.input_zero_point", np.array(zero, np.float32))
     lo = out.const(f"{prefix}.input_qmin", np.array(qmin, np.float32))
@@ -124,7 +121,7 @@ def _float_weight(q: QWeight, out: Lowered, name: str, transpose: bool) -> str:
         init = helper.make_tensor(name + ".half", TensorProto.BFLOAT16, data.shape, raw, raw=True)
         out.initializers.append(init)
     else:
-        out.const(name + ".half", _np(data.contiguous()).astype(np.float16))
+        out.const(name + ".half", to_numpy(data.contiguous()).astype(np.float16))
     return out.node("Cast", [name + ".half"], name, to=TensorProto.FLOAT)
 
 
@@ -141,10 +138,10 @@ def _dequantize_linear(q: QWeight, out: Lowered, name: str, transpose: bool) -> 
         data = (codes - scheme.mid).to(torch.int8)
         zero = np.zeros(q.scale.shape, np.int8)
     else:
-        data, zero = codes.to(torch.uint8), _np(q.zero).astype(np.uint8)
+        data, zero = codes.to(torch.uint8), to_numpy(q.zero).astype(np.uint8)
     inputs = [
-        out.const(name + ".codes", _np(data.contiguous())),
-        out.const(name + ".scale", _np(q.scale.float())),
+        out.const(name + ".codes", to_numpy(data.contiguous())),
+        out.const(name + ".scale", to_numpy(q.scale.float())),
         out.const(name + ".zero_point", zero),
     ]
     attrs = {"axis": axis} if isinstance(scheme.granularity, PerChannel) else {}
@@ -155,9 +152,11 @@ def _grouped_arrays(q: QWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Codes ``(rows, groups, group)`` uint8, scales and float zero points ``(rows, groups, 1)``."""
     scheme: QScheme = q.scheme
     rows, size = q.shape[0], scheme.granularity.size
-    codes = _np(q.codes()).reshape(rows, -1, size)
-    scale = _np(q.scale.float()).reshape(rows, -1, 1)
-    zero = np.full_like(scale, scheme.mid) if q.zero is None else _np(q.zero).astype(np.float32)
+    codes = to_numpy(q.codes()).reshape(rows, -1, size)
+    scale = to_numpy(q.scale.float()).reshape(rows, -1, 1)
+    zero = (
+        np.full_like(scale, scheme.mid) if q.zero is None else to_numpy(q.zero).astype(np.float32)
+    )
     return codes, scale, zero.reshape(rows, -1, 1)
 
 
@@ -206,7 +205,7 @@ def _add_bias(layer: nn.Module, out: Lowered, h: str, y: str, prefix: str) -> No
     if layer.bias is None:
         out.node("Identity", [h], y)
     else:
-        b = out.const(f"{prefix}.bias", _np(layer.bias.float()))
+        b = out.const(f"{prefix}.bias", to_numpy(layer.bias.float()))
         out.node("Add", [h, b], y)
 
 
@@ -242,15 +241,15 @@ def lower_matmul_nbits(layer: QuantLinear, x: str, y: str, prefix: str) -> Lower
     q = layer.qweight_data()
     bits, size = q.scheme.bits, q.scheme.granularity.size
     n, k = layer.out_features, layer.in_features
-    blob = _np(q.data).reshape(n, k // size, size * bits // 8)
+    blob = to_numpy(q.data).reshape(n, k // size, size * bits // 8)
     inputs = [
         x,
         out.const(f"{prefix}.weight.packed", blob),
-        out.const(f"{prefix}.weight.scale", _np(q.scale.float()).reshape(-1)),
+        out.const(f"{prefix}.weight.scale", to_numpy(q.scale.float()).reshape(-1)),
     ]
     if q.zero is not None:
         inputs.append(
-            out.const(f"{prefix}.weight.zero_point", _pack_zero_points(_np(q.zero), bits))
+            out.const(f"{prefix}.weight.zero_point", _pack_zero_points(to_numpy(q.zero), bits))
         )
     attrs = {"K": k, "N": n, "bits": bits, "block_size": size}
     h = out.node(
@@ -258,7 +257,7 @@ def lower_matmul_nbits(layer: QuantLinear, x: str, y: str, prefix: str) -> Lower
         inputs,
         f"{prefix}.matmul",
         domain=MS_DOMAIN,
-        accuracy_level=MATMUL_NBITS_ACCURACY_LEVEL,
+        accuracy_level=0,  # onnx.export sets it from its accuracy_level argument
         **attrs,
     )
     _add_bias(layer, out, h, y, prefix)
@@ -307,7 +306,7 @@ def lower_quant_conv2d(layer: QuantConv2d, x: str, y: str, prefix: str) -> Lower
         x = _pad_input(layer, out, x, prefix)
     inputs = [x, _weight(layer.qweight_data(), out, f"{prefix}.weight")]
     if layer.bias is not None:
-        inputs.append(out.const(f"{prefix}.bias", _np(layer.bias.float())))
+        inputs.append(out.const(f"{prefix}.bias", to_numpy(layer.bias.float())))
     attrs = {
         "kernel_shape": list(layer.kernel_size),
         "strides": list(layer.stride),
@@ -336,10 +335,10 @@ def lower_quant_embedding(layer: QuantEmbedding, ids: str, y: str, prefix: str) 
     if isinstance(q.scheme.granularity, PerGroup):
         codes, scale, zero = _grouped_arrays(q)
     else:  # per row: one group as wide as the row
-        codes = _np(q.codes()).reshape(rows, 1, dim)
-        scale = _np(q.scale.float()).reshape(rows, 1, 1)
+        codes = to_numpy(q.codes()).reshape(rows, 1, dim)
+        scale = to_numpy(q.scale.float()).reshape(rows, 1, 1)
         mid = np.full_like(scale, q.scheme.mid)
-        zero = mid if q.zero is None else _np(q.zero).astype(np.float32).reshape(rows, 1, 1)
+        zero = mid if q.zero is None else to_numpy(q.zero).astype(np.float32).reshape(rows, 1, 1)
     gathered = [
         out.node(
             "Gather", [out.const(f"{prefix}.weight.{part}", arr), ids], f"{prefix}.{part}_rows"

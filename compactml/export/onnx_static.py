@@ -6,9 +6,15 @@ before a ``QuantizeLinear`` with zero point 0, and runs ``MaxPool`` on uint8 bet
 ``DequantizeLinear`` and a ``QuantizeLinear`` of the same scale. To get that form:
 
 - a layer's ``output_quant`` becomes ``QuantizeLinear``/``DequantizeLinear`` (uint8) after it;
-- when a layer's input is quantized to 8 bits, its bias is stored as int32 codes with scale
-  ``input_scale * weight_scale`` (per output channel) and a ``DequantizeLinear``, as ORT's
-  fused kernels require (the bias then differs from the float bias by at most half that step);
+- when a layer's input is quantized to 8 bits and its weight scale is per tensor or per output
+  channel, its bias is stored as int32 codes with scale ``input_scale * weight_scale`` (per
+  output channel) and a ``DequantizeLinear``, as ORT's fused kernels require (the bias then
+  differs from the float bias by at most half that step). A per-group weight (MatMulNBits,
+  or one scale per group of inputs) keeps its float bias, added to the float output as
+  PyTorch does. A channel whose bias code would not fit in int32 (all-zero weights get a tiny
+  weight scale) gets a larger weight scale in the ONNX file, as ORT's own quantizer does:
+  its weights are all 0, so the output is unchanged. Keeping that bias float does not work:
+  ORT quantizes a float bias of a QDQ Conv/Gemm to int32 itself, and overflows the same way;
 - :class:`~compactml.quantize.modules.QuantOutput` becomes its inner op (``Relu``, ``Clip``,
   ``MaxPool``) followed by ``QuantizeLinear``/``DequantizeLinear``.
 
@@ -22,25 +28,20 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from onnx import numpy_helper
+import torch
 from torch import nn
 
 from compactml.errors import CompactMLError
 from compactml.quantize.act import ActQuant
+from compactml.quantize.affine import PerChannel, PerTensor, QScheme
 from compactml.quantize.modules import QuantConv2d, QuantLinear, QuantOutput
 
 INT32_MAX = 2**31 - 1
 
 
-def _np(t: Any) -> np.ndarray:
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """``t`` detached, on the CPU, as a NumPy array (same dtype and shape, 0-d kept 0-d)."""
     return t.detach().cpu().numpy()
-
-
-def _scalar(out: Any, name: str, value: np.ndarray) -> str:
-    """A rank-0 initializer (``Lowered.const`` goes through ``np.ascontiguousarray``, which
-    makes it rank 1; ORT fuses ``QLinearAdd`` only with scalar scales and zero points)."""
-    out.initializers.append(numpy_helper.from_array(value.reshape(()), name))
-    return name
 
 
 def quant_qdq(quant: ActQuant, out: Any, x: str, y: str, name: str) -> str:
@@ -52,29 +53,85 @@ def quant_qdq(quant: ActQuant, out: Any, x: str, y: str, name: str) -> str:
             f"{quant.bits} bits; use 8-bit activations"
         )
     zdtype = np.int8 if quant.signed else np.uint8
-    s = _scalar(out, f"{name}.scale", np.array(_np(quant.scale).reshape(()), np.float32))
-    z = _scalar(out, f"{name}.zero_point", np.array(int(quant.zero_point), zdtype))
+    # 0-d scale and zero point: ORT fuses QLinearAdd only with scalar ones (Lowered.const keeps
+    # 0-d arrays 0-d).
+    s = out.const(f"{name}.scale", np.array(float(quant.scale), np.float32))
+    z = out.const(f"{name}.zero_point", np.array(int(quant.zero_point), zdtype))
     q = out.node("QuantizeLinear", [x, s, z], f"{name}.q")
     return out.node("DequantizeLinear", [q, s, z], y)
 
 
+def _per_output_channel(layer: nn.Module) -> np.ndarray | None:
+    """The weight scale per output channel (float64), or None when the bias must stay float:
+    no 8-bit ``input_quant``, no integer weight scale, or a weight scale that is not per tensor
+    or per output channel (per group, per input column)."""
+    quant, q = layer.input_quant, layer.qweight_data()
+    if quant is None or quant.bits != 8 or not isinstance(q.scheme, QScheme) or q.scale is None:
+        return None
+    gran = q.scheme.granularity
+    per_channel = isinstance(gran, PerChannel) and gran.axis % len(q.shape) == 0
+    if not (per_channel or isinstance(gran, PerTensor)):
+        return None
+    w_scale = to_numpy(q.scale.float()).reshape(-1).astype(np.float64)
+    return np.broadcast_to(w_scale, (q.shape[0],)).copy()
+
+
+def _fit_zero_channels(
+    layer: nn.Module, w_scale: np.ndarray, bias: np.ndarray, prefix: str
+) -> np.ndarray:
+    """``w_scale`` with the scale of each channel whose bias code would overflow int32 raised
+    so that it fits (code about 2**30). Only a channel whose weights are all zero may be
+    raised (0 times any scale is 0, so the layer's output is unchanged); ORT's own quantizer
+    does the same (``AdjustWeightScaleForInt32Bias``). Raises CompactMLError otherwise."""
+    s_in = float(layer.input_quant.scale)
+    scale = (s_in * w_scale).astype(np.float32).astype(np.float64)
+    over = np.abs(bias) > INT32_MAX * scale
+    if not over.any():
+        return w_scale
+    rows = to_numpy(layer.qweight_data().dequantize()).reshape(len(bias), -1)
+    zero = ~rows.any(axis=1)
+    per_tensor = isinstance(layer.scheme.granularity, PerTensor)
+    if per_tensor and not zero.all():
+        zero[:] = False  # one shared scale: raising it would change the other channels
+    if (over & ~zero).any():
+        c = int(np.flatnonzero(over & ~zero)[0])
+        raise CompactMLError(
+            f"layer {prefix.removeprefix('lowered/')}: the bias of output channel {c} "
+            f"({bias[c]:.3g}) is more than 2**31 steps of input_scale * weight_scale, so ONNX "
+            "Runtime's int32 bias would overflow; zero that channel's weights (negligible next "
+            "to its bias) or exclude the layer from quantization"
+        )
+    fitted = np.where(over, np.maximum(w_scale, np.abs(bias) / (s_in * 2.0**30)), w_scale)
+    return np.full_like(fitted, fitted.max()) if per_tensor else fitted
+
+
+def _replace(out: Any, name: str, array: np.ndarray) -> None:
+    """Replace the initializer ``name`` of ``out`` (a ``Lowered``) by ``array`` (0-d kept 0-d)."""
+    out.initializers[:] = [t for t in out.initializers if t.name != name]
+    out.const(name, np.asarray(array))
+
+
 def _int32_bias(layer: nn.Module, out: Any, prefix: str) -> None:
     """Replace the float bias initializer ``<prefix>.bias`` by int32 codes and a
-    ``DequantizeLinear`` (scale ``input_scale * weight_scale``), in place."""
+    ``DequantizeLinear`` (scale ``input_scale * weight_scale``), in place, when the weight
+    scale is per tensor or per output channel; a per-group weight keeps its float bias."""
     name = f"{prefix}.bias"
-    found = [i for i, t in enumerate(out.initializers) if t.name == name]
-    quant = layer.input_quant
-    if not found or quant is None or quant.bits != 8 or layer.qweight_data().scale is None:
+    has_bias = any(t.name == name for t in out.initializers)
+    w_scale = _per_output_channel(layer) if has_bias else None
+    if w_scale is None:
         return
-    del out.initializers[found[0]]
-    w_scale = _np(layer.qweight_data().scale.float()).reshape(-1).astype(np.float64)
-    bias = _np(layer.bias.float()).astype(np.float64)
-    scale = (float(_np(quant.scale)) * np.broadcast_to(w_scale, bias.shape)).astype(np.float32)
-    safe = np.where(scale > 0, scale, 1.0).astype(np.float64)
-    codes = np.clip(np.round(bias / safe), -INT32_MAX, INT32_MAX).astype(np.int32)
+    bias = to_numpy(layer.bias.float()).astype(np.float64)
+    fitted = _fit_zero_channels(layer, w_scale, bias, prefix)
+    if (fitted != w_scale).any():  # only all-zero channels: their weights stay exactly 0
+        weight_scale = fitted.astype(np.float32)
+        per_tensor = isinstance(layer.scheme.granularity, PerTensor)
+        _replace(out, f"{prefix}.weight.scale", weight_scale[0] if per_tensor else weight_scale)
+    scale = (float(layer.input_quant.scale) * fitted).astype(np.float32)
+    codes = np.round(bias / scale.astype(np.float64)).astype(np.int32)  # fits: checked above
+    out.initializers[:] = [t for t in out.initializers if t.name != name]
     inputs = [
         out.const(f"{name}.int32", codes),
-        out.const(f"{name}.scale", np.where(scale > 0, scale, 1.0).astype(np.float32)),
+        out.const(f"{name}.scale", scale),
         out.const(f"{name}.zero_point", np.zeros(bias.shape, np.int32)),
     ]
     out.node("DequantizeLinear", inputs, name, axis=0)

@@ -237,3 +237,19 @@ def test_a_layer_called_twice_is_lowered_twice(tmp_path):
     torch.manual_seed(0)
     got, ref, _ = _exported(Twice().eval(), torch.randn(2, 32), tmp_path)
     assert np.abs(got - ref).max() < 1e-5
+
+
+@pytest.mark.parametrize(("k", "group"), [(96, 32), (48, 16)])
+def test_matmul_nbits_odd_groups_per_row_pads_zero_points(tmp_path, k, group):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(k, 7), nn.ReLU(), nn.Linear(7, 3)).eval()
+    q = quantize(model, WeightOnly(bits=4, group_size=group, symmetric=False, include=("0",)))
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(3))
+    got, ref, ops = _exported(q, x, tmp_path)
+    assert "MatMulNBits" in ops
+    assert np.abs(got - ref).max() < 1e-5
+    init = {t.name: t for t in onnx.load(tmp_path / "m.onnx").graph.initializer}
+    groups = k // group
+    assert groups % 2 == 1 and list(init["lowered/0.weight.zero_point"].dims) == [
+        7 * (groups + 1) // 2
+    ]

@@ -4,9 +4,11 @@ Fusion is checked on ORT's own optimized graph (``SessionOptions.optimized_model
 
 Tolerance against the PyTorch Static model (the accuracy reference): ORT adds int32 biases
 (rounded to ``input_scale * weight_scale``) and requantizes each fused op's output itself, so
-quantized activations may differ by one code here and there and the float logits by a few
-quantization steps of the last activations: max |ORT - PyTorch| <= 5% of max |logits|, top-1
-agreement >= 90%. Single ``QuantOutput`` ops (no accumulation) match within one step.
+quantized activations may differ by one code here and there. Whole networks: max |ORT - PyTorch|
+of the logits <= one quantization step of the classifier's input (measured: 0.66 and 0.85 of
+it for the ResNet and digits CNN below), and the same top-1 wherever PyTorch's top-2 margin is
+over twice that. Single layers (one requantization or none) match within 1e-4 relative;
+single ``QuantOutput`` ops match within one step.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from compactml.examples.resnet import resnet18
 from compactml.export import ort as cort
 from compactml.export.onnx import export
 from compactml.quantize.act import ActQuant
-from compactml.quantize.modules import QuantOutput
+from compactml.quantize.affine import PerChannel, PerGroup, QScheme
+from compactml.quantize.modules import QuantConv2d, QuantLinear, QuantOutput
 from compactml.quantize.ptq import Static
+from compactml.quantize.qat import QAT
 from compactml.task import Task
 
 
@@ -43,12 +47,17 @@ def optimized_ops(path: Path) -> collections.Counter:
     )
 
 
-def _check_close(path: Path, model: nn.Module, x: torch.Tensor) -> None:
+def _check_close(path: Path, model: nn.Module, x: torch.Tensor, last: nn.Module) -> None:
+    """ORT's logits within one step of ``last``'s input quantizer of PyTorch's, same top-1."""
     got = cort.run(cort.session(path), x)[0]
     with torch.no_grad():
         ref = model(x).numpy()
-    assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()
-    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.9
+    step = float(last.input_quant.scale)
+    assert np.abs(got - ref).max() <= step
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    confident = top2[:, 1] - top2[:, 0] > 2 * step
+    assert confident.mean() > 0.5
+    assert (got.argmax(1) == ref.argmax(1))[confident].all()
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +83,7 @@ def test_resnet_runs_every_conv_and_residual_add_on_integers(resnet_onnx):
 
 def test_resnet_onnx_matches_pytorch_static(resnet_onnx):
     path, q, x = resnet_onnx
-    _check_close(path, q, x)
+    _check_close(path, q, x, q.fc)
 
 
 def test_weights_are_int8_per_channel_and_activations_uint8(resnet_onnx):
@@ -97,7 +106,7 @@ def test_digits_cnn_fuses_and_keeps_its_accuracy_in_ort(tmp_path):
     ops = optimized_ops(path)
     assert ops["QLinearConv"] == 3 and ops["Conv"] == 0
     x, _ = next(task.batches("eval"))
-    _check_close(path, q, x)
+    _check_close(path, q, x, q.classifier)
 
 
 @pytest.mark.parametrize(
@@ -120,3 +129,78 @@ def test_quant_output_around_unsupported_module_is_refused(tmp_path):
     layer = QuantOutput(nn.GELU(), ActQuant(8, False, 0.03, 20))
     with pytest.raises(CompactMLError, match="cannot export QuantOutput around GELU"):
         export(nn.Sequential(layer), tmp_path / "q.onnx", torch.randn(1, 4))
+
+
+def _run(model: nn.Module, x: torch.Tensor, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(ORT output, PyTorch output) of ``model`` exported to ``path``."""
+    export(model, path, x)
+    with torch.no_grad():
+        return cort.run(cort.session(path), x)[0], model(x).numpy()
+
+
+def _quantized(layer: nn.Module, scheme: QScheme, s_in: float = 0.025, relu: bool = True):
+    """``layer`` quantized with ``scheme`` and an 8-bit uint8 input quantizer, then (``relu``)
+    a ReLU quantized with step 0.03 (which lets ORT fuse the layer into an integer kernel)."""
+    cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
+    q = cls.from_float(layer, scheme)
+    q.input_quant = ActQuant(8, False, s_in, 118)
+    out = [QuantOutput(nn.ReLU(), ActQuant(8, False, 0.03, 0))] if relu else []
+    return nn.Sequential(q, *out).eval()
+
+
+@pytest.mark.parametrize("bits", [4, 3], ids=["matmul_nbits", "generic"])
+def test_per_group_weight_with_8bit_input_keeps_float_bias(tmp_path, bits):
+    torch.manual_seed(0)
+    model = _quantized(nn.Linear(64, 16), QScheme(bits, True, PerGroup(32)), relu=False)
+    got, ref = _run(model, torch.randn(5, 64), tmp_path / "g.onnx")
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+    init = {t.name: t for t in onnx.load(tmp_path / "g.onnx").graph.initializer}
+    assert init["lowered/0.bias"].data_type == onnx.TensorProto.FLOAT
+
+
+def test_qat_with_group_size_and_8bit_activations_exports(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randn(8, 64, generator=g) for _ in range(2)]
+    train = [(torch.randn(8, 64, generator=g), torch.randint(0, 4, (8,), generator=g))]
+    config = QAT(weight_bits=4, act_bits=8, group_size=32, epochs=0, progress=False)
+    q = config.apply(model, Task(calib=calib, train=train)).eval()
+    assert q[0].input_quant is not None and isinstance(q[0].scheme.granularity, PerGroup)
+    got, ref = _run(q, calib[0], tmp_path / "qat.onnx")
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def _zero_channel(layer: nn.Module, weights: float) -> nn.Module:
+    """``layer`` with output channel 1's weights set to ``weights`` and its bias to 5."""
+    with torch.no_grad():
+        layer.weight[1] = weights
+        layer.bias[1] = 5.0
+    return layer
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_all_zero_weight_channel_bias_fits_int32_and_matches(tmp_path, kind):
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 4, 3, padding=1) if kind == "conv" else nn.Linear(16, 4)
+    model = _quantized(_zero_channel(layer, 0.0), QScheme(8, True, PerChannel(0)))
+    assert float(model[0].scale[1]) < 1e-6  # 5 / (0.025 * scale) is far over 2**31
+    x = torch.randn(4, 3, 8, 8) if kind == "conv" else torch.randn(4, 16)
+    got, ref = _run(model, x, tmp_path / "z.onnx")
+    assert np.abs(got - ref).max() <= 0.03 + 1e-6 and np.mean(got == ref) > 0.95  # one step
+    assert np.abs(got[:, 1] - 5.01).max() < 1e-6  # channel 1: relu(bias) = 167 steps of 0.03
+    assert optimized_ops(tmp_path / "z.onnx")["QLinearConv" if kind == "conv" else "QGemm"] == 1
+    init = {
+        t.name: onnx.numpy_helper.to_array(t)
+        for t in onnx.load(tmp_path / "z.onnx").graph.initializer
+    }
+    scale = init["lowered/0.weight.scale"]
+    assert np.array_equal(np.delete(scale, 1), np.delete(model[0].scale.numpy(), 1))
+    assert init["lowered/0.bias.int32"].dtype == np.int32
+
+
+def test_bias_overflow_with_nonzero_weights_is_refused(tmp_path):
+    layer = _zero_channel(nn.Linear(16, 4), 1e-5)
+    model = _quantized(layer, QScheme(8, True, PerChannel(0)), s_in=1e-4)
+    with pytest.raises(CompactMLError, match="output channel 1 .* int32 bias would overflow"):
+        export(model, tmp_path / "o.onnx", torch.randn(2, 16))
