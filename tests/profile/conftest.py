@@ -22,3 +22,22 @@ def conv_linear() -> nn.Module:
     """A fresh ConvLinear in eval mode."""
     torch.manual_seed(0)
     return ConvLinear().eval()
+
+
+class DataDependent(nn.Module):
+    """Python control flow on a tensor's value: neither torch.export nor torch.fx can trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if float(x.sum()) > 0:
+            return self.fc(x)
+        return self.fc(-x)
+
+
+@pytest.fixture
+def untraceable() -> nn.Module:
+    """A model neither torch.export nor torch.fx can trace (data-dependent control flow)."""
+    return DataDependent()

@@ -38,19 +38,6 @@ class ViewSkip(nn.Module):
         return self.c2(self.c1(x)) + skip
 
 
-class DataDependent(nn.Module):
-    """Python control flow on a tensor's value: neither torch.export nor torch.fx can trace it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if float(x.sum()) > 0:
-            return self.fc(x)
-        return self.fc(-x)
-
-
 def test_liveness_walk_counts_each_tensor_until_its_last_use():
     steps = [
         Step("x", 100, is_input=True),
@@ -110,8 +97,8 @@ def test_in_place_relu_adds_no_bytes():
     assert peak_activation(model, x).peak_bytes == 2 * 4 * 64 * F32  # input + conv out
 
 
-def test_untraceable_model_gives_none_with_a_reason():
-    memory = peak_activation(DataDependent().eval(), torch.randn(2, 4))
+def test_untraceable_model_gives_none_with_a_reason(untraceable):
+    memory = peak_activation(untraceable.eval(), torch.randn(2, 4))
     assert memory.peak_bytes is None
     assert "torch.export" in memory.note and "torch.fx" in memory.note
 

@@ -38,19 +38,6 @@ class TinyTextClassifier(nn.Module):
         return self.head(pooled)
 
 
-class DataDependent(nn.Module):
-    """Python control flow on a tensor's value: neither torch.export nor torch.fx can trace it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if float(x.sum()) > 0:
-            return self.fc(x)
-        return self.fc(-x)
-
-
 LAYER_KEYS = {"name", "type", "params", "nonzero_params", "stored_bytes", "macs", "output_shape"}
 
 
@@ -139,8 +126,8 @@ def test_dict_inputs_are_passed_as_keyword_arguments():
     assert result.params == 50 * 8 + 8 * 4 + 4
 
 
-def test_untraceable_model_still_profiles_with_a_note():
-    result = profile(DataDependent(), torch.randn(2, 4), target="stm32f746", latency=False)
+def test_untraceable_model_still_profiles_with_a_note(untraceable):
+    result = profile(untraceable, torch.randn(2, 4), target="stm32f746", latency=False)
     assert result.peak_activation_bytes is None
     assert "cannot trace" in result.peak_activation_note
     # RAM is then checked against every layer output plus the input.
