@@ -43,6 +43,7 @@ from compactml.checks import run_checked
 from compactml.config import replace_module
 from compactml.errors import CompactMLError, first_line
 from compactml.export.onnx_lowering import LOWERINGS
+from compactml.export.onnx_static import drop_identity_activations
 from compactml.io import atomic_write_bytes, refuse_overwrite
 from compactml.quantize.modules import QuantEmbedding
 from compactml.source import get_path
@@ -286,4 +287,5 @@ def export(
     axes = _dynamic_axes(example_input, names, out_names, dynamic_batch)
     proto = _trace(work, example_input, names, out_names, opset, axes)
     lowered = _lower(proto, layers, accuracy_level)
+    drop_identity_activations(proto)  # Relu after a zero-point-0 DQ: exact no-op
     return atomic_write_bytes(path, _finish(proto, opset, lowered))

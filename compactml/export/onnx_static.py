@@ -18,6 +18,11 @@ before a ``QuantizeLinear`` with zero point 0, and runs ``MaxPool`` on uint8 bet
 - :class:`~compactml.quantize.modules.QuantOutput` becomes its inner op (``Relu``, ``Clip``,
   ``MaxPool``) followed by ``QuantizeLinear``/``DequantizeLinear``.
 
+After lowering, :func:`drop_identity_activations` removes a ``Relu``/``Clip`` that follows a
+uint8 ``DequantizeLinear`` with zero point 0 (a functional ``torch.relu`` after a layer whose
+``output_quant`` already covers the ReLU's range, see :mod:`compactml.quantize.ptq`): ORT keeps
+such a Relu float, and with it the ``Concat`` it feeds.
+
 Weights are int8 per-channel ``DequantizeLinear`` (the base lowerings of
 :mod:`compactml.export.onnx_lowering`, which this module extends; imported lazily because that
 module imports this one for its ``LOWERINGS`` table).
@@ -218,3 +223,77 @@ def lower_quant_output(layer: QuantOutput, x: str, y: str, prefix: str) -> Any:
     h = _inner(layer.inner, out, x, f"{prefix}.inner", prefix)
     quant_qdq(layer.quant, out, h, y, f"{prefix}.output")
     return out
+
+
+def _constant(graph: Any, name: str) -> np.ndarray | None:
+    """The value of ``name`` when it is an initializer or a ``Constant`` node's output."""
+    from onnx import numpy_helper
+
+    for t in graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    for n in graph.node:
+        if n.op_type == "Constant" and n.output[0] == name and n.attribute:
+            if n.attribute[0].name == "value":
+                return numpy_helper.to_array(n.attribute[0].t)
+    return None
+
+
+def _dequantized_range(graph: Any, node: Any) -> tuple[float, float] | None:
+    """``(lo, hi)``: every value a per-tensor 8-bit ``DequantizeLinear`` ``node`` can output."""
+    scale = _constant(graph, node.input[1])
+    zero = _constant(graph, node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if scale is None or scale.size != 1 or zero is None or zero.size != 1:
+        return None
+    info = np.iinfo(zero.dtype)
+    s, z = float(scale.reshape(())), int(zero.reshape(()))
+    return (info.min - z) * s, (info.max - z) * s
+
+
+def _is_identity(graph: Any, node: Any, lo: float, hi: float) -> bool:
+    """Whether the ``Relu``/``Clip`` ``node`` leaves every value of ``[lo, hi]`` unchanged."""
+    if node.op_type == "Relu":
+        return lo >= 0.0
+    if node.op_type != "Clip" or len(node.input) < 2:
+        return False
+    bounds = [_constant(graph, n) if n else None for n in list(node.input[1:3])]
+    if any(b is None for b, n in zip(bounds, node.input[1:3], strict=False) if n):
+        return False
+    cmin = float(bounds[0]) if bounds[0] is not None else -np.inf
+    cmax = float(bounds[1]) if len(bounds) > 1 and bounds[1] is not None else np.inf
+    return cmin <= lo and hi <= cmax
+
+
+def drop_identity_activations(proto: Any) -> int:
+    """Remove, in place, each ``Relu`` (or ``Clip``) of ``proto`` (an ``onnx.ModelProto``)
+    that reads a uint8/int8 ``DequantizeLinear`` whose codes all lie in its range (zero point
+    at the lowest code: every value is >= 0), rewiring its readers to the DequantizeLinear;
+    returns how many were removed. Exact: such an activation returns its input unchanged.
+
+    Why: a functional ``torch.relu(layer(x))`` has no module to carry the quantizer after it,
+    so ``Static`` quantizes the layer's output over the ReLU's range (zero point 0) and the
+    traced ``Relu`` follows the ``DequantizeLinear``. ONNX Runtime only removes a ``Relu``
+    *before* a ``QuantizeLinear``; one after a ``DequantizeLinear`` stays float and keeps
+    the next op (a ``Concat`` into ``QLinearConcat``, an ``Add``...) from being fused."""
+    graph = proto.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    outputs = {o.name for o in graph.output}
+    renames, dropped = {}, []
+    for node in graph.node:
+        if node.op_type not in ("Relu", "Clip") or node.output[0] in outputs:
+            continue
+        dq = producers.get(node.input[0])
+        bounds = (
+            None
+            if dq is None or dq.op_type != "DequantizeLinear"
+            else _dequantized_range(graph, dq)
+        )
+        if bounds is not None and _is_identity(graph, node, *bounds):
+            renames[node.output[0]] = node.input[0]
+            dropped.append(node)
+    for node in dropped:
+        graph.node.remove(node)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = renames.get(name, name)
+    return len(dropped)

@@ -7,6 +7,10 @@ recorded as ``op:`` nodes through :class:`torch.overrides.TorchFunctionMode`. Te
 apart by identity (each one is kept alive for the pass, so ids are never reused). Calls that
 return no tensor (``x.size()``, ``x.dim()``) are not consumers.
 
+Functional ReLU-like ops (``torch.relu``, ``F.relu``, ``F.relu6``, ``x.clamp(min=0)``,
+``F.hardtanh(x, 0, 6)``) are marked with :attr:`Node.act` (``"relu"`` or ``"relu6"``) so
+that quantizer placement can treat them like ``nn.ReLU``/``nn.ReLU6`` modules.
+
 Ops and modules that only move or select values (views, ``MaxPool``, ``Flatten``, ``Dropout`` in
 eval mode, ``Identity``) are *pass-through*: their output holds values of their input, so a
 quantizer on the input covers the output with the same scale (:meth:`Dataflow.source`).
@@ -34,13 +38,17 @@ PASS_OPS = frozenset(
 @dataclass
 class Node:
     """One call of a leaf module (``name`` is its module name) or one functional op
-    (``op:<function>#<n>``), with the ids of the tensors it read and returned."""
+    (``op:<function>#<n>``, ``op`` its function name), with the ids of the tensors it read and
+    returned; ``act`` is ``"relu"``/``"relu6"`` for a functional op computing that activation
+    (see :func:`functional_activation`)."""
 
     name: str
     module: nn.Module | None
     inputs: list[int]
     outputs: list[int]
     passthrough: bool
+    op: str = ""
+    act: str | None = None
 
 
 @dataclass
@@ -95,6 +103,44 @@ class Dataflow:
         return readers[0]
 
 
+RELU_OPS = frozenset({"relu", "relu_"})
+RELU6_OPS = frozenset({"relu6", "relu6_"})
+CLAMP_OPS = frozenset({"clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_"})
+HARDTANH_OPS = frozenset({"hardtanh", "hardtanh_"})
+CONCAT_OPS = frozenset({"cat", "concat", "concatenate"})
+
+
+def _arg(args: tuple, kwargs: dict, index: int, names: tuple[str, ...]) -> Any:
+    if len(args) > index:
+        return args[index]
+    return next((kwargs[n] for n in names if n in kwargs), None)
+
+
+def functional_activation(name: str, args: tuple, kwargs: dict) -> str | None:
+    """``"relu"`` or ``"relu6"`` when the torch function ``name`` called with ``args`` and
+    ``kwargs`` computes ``max(x, 0)`` or ``min(max(x, 0), 6)`` (``relu``, ``relu6``,
+    ``clamp``/``clip`` with min 0 and no max or max 6, ``hardtanh(x, 0, 6)``); else None."""
+    if name in RELU_OPS:
+        return "relu"
+    if name in RELU6_OPS:
+        return "relu6"
+    if name in CLAMP_OPS:
+        lo = _arg(args, kwargs, 1, ("min",))
+        hi = None if name.startswith("clamp_min") else _arg(args, kwargs, 2, ("max",))
+    elif name in HARDTANH_OPS:
+        lo = _arg(args, kwargs, 1, ("min_val",))
+        hi = _arg(args, kwargs, 2, ("max_val",))
+        hi = 1.0 if hi is None else hi
+    else:
+        return None
+    numbers = all(
+        v is None or (isinstance(v, int | float) and not isinstance(v, bool)) for v in (lo, hi)
+    )
+    if not numbers or lo != 0:
+        return None
+    return "relu" if hi is None else "relu6" if hi == 6 else None
+
+
 def _tensor_ids(values: Any, keep: list) -> list[int]:
     tensors = [t for t in tree_leaves(values) if isinstance(t, torch.Tensor)]
     keep.extend(tensors)
@@ -115,7 +161,9 @@ class _OpRecorder(TorchFunctionMode):
             if outputs:
                 fname = getattr(func, "__name__", str(func))
                 inputs = _tensor_ids((args, kwargs or {}), self.keep)
-                node = Node(f"op:{fname}#{self.count}", None, inputs, outputs, fname in PASS_OPS)
+                act = functional_activation(fname, args, kwargs or {})
+                name, passthrough = f"op:{fname}#{self.count}", fname in PASS_OPS
+                node = Node(name, None, inputs, outputs, passthrough, fname, act)
                 self.count += 1
                 self.flow.add(node)
         return out

@@ -27,12 +27,15 @@ from compactml.errors import CompactMLError
 from compactml.examples import digits_cnn
 from compactml.examples.resnet import resnet18
 from compactml.export import ort as cort
+from compactml.export.artifact import load, save
 from compactml.export.onnx import export
+from compactml.export.onnx_static import drop_identity_activations
 from compactml.quantize.act import ActQuant
 from compactml.quantize.affine import PerChannel, PerGroup, QScheme
 from compactml.quantize.modules import QuantConv2d, QuantLinear, QuantOutput
 from compactml.quantize.ptq import Static
 from compactml.quantize.qat import QAT
+from compactml.source import load_factory
 from compactml.task import Task
 
 
@@ -204,3 +207,110 @@ def test_bias_overflow_with_nonzero_weights_is_refused(tmp_path):
     model = _quantized(layer, QScheme(8, True, PerChannel(0)), s_in=1e-4)
     with pytest.raises(CompactMLError, match="output channel 1 .* int32 bias would overflow"):
         export(model, tmp_path / "o.onnx", torch.randn(2, 16))
+
+
+CONCAT_FACTORY = """
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Inception(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 1)
+        self.c, self.d = nn.Conv2d(16, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = torch.cat([F.relu(self.a(x)), torch.relu(self.b(x))], 1)
+        h = self.d(F.relu(self.c(h)))
+        return self.fc(self.pool(h).flatten(1))
+
+
+def build():
+    torch.manual_seed(0)
+    return Inception().eval()
+"""
+
+
+@pytest.fixture(scope="module")
+def concat_static(tmp_path_factory) -> tuple[Path, nn.Module, torch.Tensor]:
+    """The factory-built Inception-like model, Static-quantized and exported (``export`` drops
+    the identity ReLUs after DequantizeLinears itself, see ``drop_identity_activations``)."""
+    folder = tmp_path_factory.mktemp("concat")
+    factory = folder / "inception.py"
+    factory.write_text(CONCAT_FACTORY)
+    model, _ = load_factory(f"{factory}:build")
+    g = torch.Generator().manual_seed(0)
+    calib = [(torch.randn(4, 3, 8, 8, generator=g),) for _ in range(3)]
+    q = Static(progress=False).apply(model, Task(calib=calib))
+    x = torch.randn(32, 3, 8, 8, generator=g)
+    path = export(q, folder / "inception.onnx", x[:1])
+    # export already removed the identity relus: nothing is left for a second pass
+    assert drop_identity_activations(onnx.load(path)) == 0
+    return path, q, x
+
+
+def test_concat_and_functional_relus_run_on_integers(concat_static):
+    path, _, _ = concat_static
+    ops = optimized_ops(path)
+    assert ops["QLinearConcat"] == 1 and ops["QLinearConv"] == 4
+    for float_op in ("Concat", "Relu", "Conv", "FusedConv", "Gemm", "MatMul"):
+        assert ops[float_op] == 0, float_op
+
+
+def test_concat_model_matches_pytorch_and_round_trips(concat_static, tmp_path):
+    path, q, x = concat_static
+    _check_close(path, q, x, q.fc)
+    loaded = load(save(q, tmp_path / "inception.cml"), trust_factory=True)
+    assert repr(loaded) == repr(q)
+    state, again = q.state_dict(), loaded.state_dict()
+    assert state.keys() == again.keys()
+    assert all(torch.equal(state[k], again[k]) and state[k].dtype == again[k].dtype for k in state)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q(x))
+
+
+def _dq_then(op: str, scale: float, zero: int, clip_max: float | None = None) -> onnx.ModelProto:
+    """``x (uint8) -> DequantizeLinear -> op -> Identity -> y``."""
+    h = onnx.helper
+    inits = [
+        onnx.numpy_helper.from_array(np.array(scale, np.float32), "s"),
+        onnx.numpy_helper.from_array(np.array(zero, np.uint8), "z"),
+    ]
+    inputs = ["d"]
+    if clip_max is not None:
+        inits += [onnx.numpy_helper.from_array(np.array(v, np.float32), n) for n, v in
+                  (("lo", 0.0), ("hi", clip_max))]  # fmt: skip
+        inputs += ["lo", "hi"]
+    nodes = [
+        h.make_node("DequantizeLinear", ["x", "s", "z"], ["d"]),
+        h.make_node(op, inputs, ["r"]),
+        h.make_node("Identity", ["r"], ["y"]),
+    ]
+    graph = h.make_graph(
+        nodes, "g", [h.make_tensor_value_info("x", onnx.TensorProto.UINT8, [4])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])], inits,
+    )  # fmt: skip
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(
+    ("op", "scale", "zero", "clip_max", "dropped"),
+    [
+        ("Relu", 0.1, 0, None, 1),
+        ("Relu", 0.1, 3, None, 0),  # codes below 3 are negative: the relu is not an identity
+        ("Clip", 0.02, 0, 6.0, 1),  # 255 * 0.02 = 5.1 <= 6
+        ("Clip", 0.1, 0, 6.0, 0),  # 25.5 > 6: the clip cuts
+    ],
+)
+def test_drop_identity_activations_only_drops_exact_identities(op, scale, zero, clip_max, dropped):
+    proto = _dq_then(op, scale, zero, clip_max)
+    codes = np.array([0, 2, 100, 255], np.uint8)
+    before = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": codes})[0]
+    assert drop_identity_activations(proto) == dropped
+    onnx.checker.check_model(proto)
+    assert [n.op_type for n in proto.graph.node].count(op) == 1 - dropped
+    after = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": codes})[0]
+    assert np.array_equal(before, after)  # dropped or not, the model computes the same

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from compactml.config import history
@@ -107,14 +108,72 @@ class FunctionalRelu(nn.Module):
         return self.fc(h.mean((2, 3)))
 
 
-def test_functional_relu_gets_layer_output_quant_and_inplace_relu_is_wrapped():
+def test_functional_relu_is_quantized_after_it_and_inplace_relu_is_wrapped():
     torch.manual_seed(0)
     q = Static(progress=False).apply(FunctionalRelu(), Task(calib=_images(2, size=8)))
-    assert q.conv.output_quant is not None  # torch.relu reads it: quantize the conv output
+    # torch.relu's output is read by conv2 only: conv2's input quantizer sits after the relu
+    assert q.conv.output_quant is None and int(q.conv2.input_quant.zero_point) == 0
     assert isinstance(q.act, QuantOutput) and q.conv2.output_quant is None
     flow = trace_dataflow(FunctionalRelu(), torch.randn(1, 3, 8, 8))
     conv_out = flow.module_node("conv").outputs[0]
-    assert [n.name.split("#")[0] for n in flow.consumers[conv_out]] == ["op:relu"]
+    assert [(n.op, n.act) for n in flow.consumers[conv_out]] == [("relu", "relu")]
+
+
+@pytest.mark.parametrize(
+    ("call", "act"),
+    [
+        (lambda x: F.relu(x, inplace=True), "relu"),
+        (lambda x: x.clamp(min=0), "relu"),
+        (lambda x: torch.clamp(x, 0, 6), "relu6"),
+        (F.relu6, "relu6"),
+        (lambda x: F.hardtanh(x, 0.0, 6.0), "relu6"),
+        (lambda x: x.clamp(min=-1), None),
+        (F.hardtanh, None),
+        (torch.sigmoid, None),
+    ],
+)
+def test_dataflow_marks_functional_relus(call, act):
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return call(self.conv(x)) * 2
+
+    flow = trace_dataflow(Net(), torch.randn(1, 3, 4, 4))
+    reader = flow.consumers[flow.module_node("conv").outputs[0]][0]
+    assert reader.act == act
+
+
+class ConcatBranches(nn.Module):
+    """Two conv branches with functional relus, concatenated, then a conv (Inception-like)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
+        self.c = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([F.relu(self.a(x)), torch.relu(self.b(x)) * 3], 1)
+        return self.c(h).mean((2, 3))
+
+
+def test_concat_inputs_share_the_concat_scale_and_relu_range():
+    torch.manual_seed(0)
+    q = Static(progress=False).apply(ConcatBranches(), Task(calib=_images(2, size=8)))
+    # a: F.relu then cat: no module after the relu, so a quantizes over the relu's range
+    assert int(q.a.output_quant.zero_point) == 0
+    # b's relu output is scaled before the cat: quantized over its own relu range, not shared
+    assert int(q.b.output_quant.zero_point) == 0
+    assert float(q.b.output_quant.scale) != float(q.c.input_quant.scale)
+    assert float(q.a.output_quant.scale) == float(q.c.input_quant.scale)  # shared
+    x = _images(1, size=8)[0][0]
+    with torch.no_grad():
+        codes = q.a(x) / q.a.output_quant.scale
+        assert codes.min() >= 0 and torch.allclose(codes, codes.round(), atol=1e-3)
+        hb = torch.relu(q.b(x)) * 3  # c's shared range covers both branches
+        assert float(q.c.input_quant.scale) * 255 >= float(hb.max()) * 0.999
 
 
 def test_calib_batches_limits_calibration():
