@@ -35,7 +35,7 @@ from torch import nn
 from compactml.config import Technique, record
 from compactml.errors import CompactMLError
 from compactml.quantize.affine import PerChannel, QScheme, scheme_from_dict
-from compactml.quantize.modules import QuantWeightMixin, _bias_from
+from compactml.quantize.modules import QuantWeightMixin, _bias_from, linear_spec
 from compactml.quantize.qweight import QWeight
 from compactml.quantize.swap import build_layers, check_some_built, set_layer, warn_skipped
 from compactml.task import Task
@@ -112,12 +112,7 @@ class DynamicQuantLinear(QuantWeightMixin, nn.Module):
 
     def compactml_spec(self) -> dict[str, Any]:
         """Constructor arguments as JSON-able values."""
-        return {
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bias": self.bias is not None,
-            "scheme": self.scheme.to_dict(),
-        }
+        return linear_spec(self)
 
     @classmethod
     def from_compactml_spec(cls, args: dict[str, Any]) -> DynamicQuantLinear:

@@ -132,6 +132,16 @@ def _bias_from(module: nn.Module) -> nn.Parameter | None:
     return None if bias is None else nn.Parameter(bias.detach().clone(), bias.requires_grad)
 
 
+def linear_spec(layer: nn.Module) -> dict[str, Any]:
+    """The constructor arguments every linear-shaped quantized layer shares, as JSON values."""
+    return {
+        "in_features": layer.in_features,
+        "out_features": layer.out_features,
+        "bias": layer.bias is not None,
+        "scheme": layer.scheme.to_dict(),
+    }
+
+
 class QuantLinear(QuantWeightMixin, nn.Module):
     """``nn.Linear`` with a compressed weight; computes ``x @ W.T + b`` in float."""
 
@@ -159,12 +169,7 @@ class QuantLinear(QuantWeightMixin, nn.Module):
 
     def compactml_spec(self) -> dict[str, Any]:
         """Constructor arguments as JSON-able values."""
-        return {
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bias": self.bias is not None,
-            "scheme": self.scheme.to_dict(),
-        } | _input_quant_spec(self)
+        return linear_spec(self) | _input_quant_spec(self)
 
     @classmethod
     def from_compactml_spec(cls, args: dict[str, Any]) -> QuantLinear:
