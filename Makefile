@@ -25,6 +25,7 @@ demo: install
 	$(BIN)/compactml demo -o demo-out
 
 benchmarks: install
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[hf,dev,bench]"
 	$(BIN)/python benchmarks/baselines.py
 
 lint: install

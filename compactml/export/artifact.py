@@ -24,6 +24,7 @@ from torch import nn
 from compactml.checks import check_finite
 from compactml.config import HISTORY_ATTR, history
 from compactml.errors import ArtifactError, CompactMLError, first_line
+from compactml.export.encodings import decode, encode
 from compactml.export.manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -103,6 +104,7 @@ def artifact_bytes(
     source = get_source(model)
     transforms = _plan(model, source)
     tensors, aliases = stored_tensors(model)
+    tensors, encodings = encode(tensors)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -111,6 +113,7 @@ def artifact_bytes(
         "transforms": transforms,
         "history": history(model),
         "aliases": aliases,
+        "encodings": encodings,
         "metrics": metrics,
         "tensor_sha256": tensor_sha256(tensors),
     }
@@ -271,7 +274,11 @@ def load(
     a Python factory file is run only with ``trust_factory=True`` (see ``build_base``).
     """
     name = str(path)
-    _, manifest, tensors = _decode(_read_bytes(path), name, verify_key)
+    _, manifest, stored = _decode(_read_bytes(path), name, verify_key)
+    try:
+        tensors = decode(stored, manifest["encodings"])
+    except ValueError as exc:
+        raise damaged(name, first_line(exc)) from exc
     # A factory the caller did not trust may not run later either (when the model is saved),
     # unless the skeleton they passed was itself built by that very factory.
     untrusted = (manifest["source"] or {}).get("kind") == "factory" and not trust_factory

@@ -4,7 +4,8 @@ The safetensors header metadata of an artifact holds string values only:
 
 - ``compactml.manifest``: canonical JSON (see ``manifest_text``) with the format version, the
   tool version, the model's source, the transforms from base to model, per-layer records,
-  aliases of tied tensors, optional metrics, and ``tensor_sha256`` (a digest of the tensors);
+  aliases of tied tensors, how sparse tensors are encoded (``encodings``), optional metrics,
+  and ``tensor_sha256`` (a digest of the stored tensors);
 - ``compactml.signature`` and ``compactml.key_id`` (optional): an ed25519 signature of the
   manifest bytes (128 lowercase hex digits) and the signer's fingerprint (16 hex digits);
 - ``compactml.header_sha256``: SHA-256 over every other entry (``header_digest``), so a change
@@ -48,6 +49,7 @@ _MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
     "transforms": list,
     "history": list,
     "aliases": dict,
+    "encodings": dict,
     "metrics": (dict, type(None)),
     "tensor_sha256": str,
 }
