@@ -51,9 +51,14 @@ class Technique(abc.ABC):
 
     Subclasses set the class attribute ``family`` (``"quantize"``, ``"prune"``, ...) and
     implement ``apply(model, task=None) -> nn.Module``, which must not modify ``model``.
+    A subclass whose strength is one field sets ``level`` to that field's name, so a
+    sensitivity scan (``compactml.sensitivity``) can vary it.
     """
 
     family: ClassVar[str] = ""
+    #: The name of the field that says how much the technique compresses: bits, sparsity,
+    #: ratio, ... (None when there is no such single field).
+    level: ClassVar[str | None] = None
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
 

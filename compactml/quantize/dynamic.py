@@ -147,6 +147,7 @@ class Dynamic(Technique):
     """
 
     family = "quantize"
+    level = "bits"
     bits: int = 8
 
     def __post_init__(self) -> None:

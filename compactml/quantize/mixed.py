@@ -43,9 +43,10 @@ from compactml.errors import CompactMLError
 from compactml.quantize.affine import MAX_BITS, MIN_BITS, Scheme
 from compactml.quantize.modules import QUANT_MODULES
 from compactml.quantize.qweight import QWeight
-from compactml.quantize.sensitivity import MEASURES, check_batches, choose_bits, layer_sensitivity
+from compactml.quantize.sensitivity import choose_bits, layer_sensitivity
 from compactml.quantize.swap import set_layer
 from compactml.quantize.weight_only import LAYER_TYPES, WeightOnly
+from compactml.sensitivity.measures import MEASURES, check_batches
 from compactml.task import Task, tensor_nbytes
 
 _UNITS = {"": 1, "b": 1, "kb": 2**10, "kib": 2**10, "mb": 2**20, "mib": 2**20}
@@ -95,7 +96,7 @@ class MixedPrecision(Technique):
         group_size, symmetric, clip: the quantization scheme, as in :class:`WeightOnly`.
         metric: how damage is measured: ``"auto"``, ``"metric"`` (headline metric drop on eval
             batches) or ``"output"`` (relative output error on calib batches); see
-            :mod:`compactml.quantize.sensitivity`.
+            :mod:`compactml.sensitivity.measures`.
         batches: batches per measurement (None: all).
         progress: show a progress bar while measuring.
         include, exclude: fnmatch patterns on module names.

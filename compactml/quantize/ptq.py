@@ -264,6 +264,7 @@ class Static(Technique):
     """
 
     family = "quantize"
+    level = "bits"
     bits: int = 8
     observer: str = "minmax"
     percentile: float = 99.99

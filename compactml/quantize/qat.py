@@ -292,6 +292,7 @@ class QAT(Technique):
     """
 
     family = "quantize"
+    level = "weight_bits"
     weight_bits: int = 4
     act_bits: int | None = 8
     epochs: int = 3

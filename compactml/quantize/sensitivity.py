@@ -7,20 +7,15 @@ given. Each ``(layer, variant)`` pair is measured on its own: that one layer is 
 variant's module in a working copy of the model, the damage is measured, and the original layer
 is put back. Everything else stays in float, so the numbers say what *this* layer costs.
 
-Damage is one of two measures, chosen by ``measure``:
-
-- ``"metric"``: the drop of the task's headline metric (``compactml.evaluate.PRIMARY``: top-1
-  for classification, MRR for embeddings, perplexity for language models, where the drop is the
-  rise) on the first ``batches`` eval batches. A custom metric callable is treated as
-  higher-is-better. Note the metric is measured on eval data, so a plan tuned on it is scored
-  on data it has seen; give the Task a separate eval split for a clean final measurement.
-- ``"output"``: the relative squared error of the model's final outputs against the float
-  model's, ``sum ||y - y_float||^2 / sum ||y_float||^2`` over the first ``batches`` calibration
-  batches (no labels needed). For small perturbations the errors of independent layers add in
-  squared norm, which is what an additive planner assumes.
-
-``"auto"`` picks ``"metric"`` when the task has eval data and a built-in metric, else
-``"output"``. The working copy is the only model changed; the input model is never touched.
+Damage is one of the two measures of :mod:`compactml.sensitivity.measures` (``measure="auto"``,
+``"metric"`` or ``"output"``): the drop of the task's headline metric on a few eval batches, or
+the relative squared error of the final outputs against the float model's on calibration
+batches. For small perturbations the output errors of independent layers add in squared norm,
+which is what an additive planner assumes. Note the metric is measured on eval data, so a plan
+tuned on it is scored on data it has seen; give the Task a separate eval split for a clean
+final measurement. The working copy is the only model changed; the input model is never
+touched. (:func:`compactml.sensitivity.sensitivity` is the same scan driven by a whole
+technique config instead of per-layer variant functions.)
 
 ``choose_bits(costs, losses, budget)`` then allocates a budget across layers: one option per
 layer (a bit width, a sparsity) with the least summed damage whose summed cost fits.
@@ -32,22 +27,18 @@ import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from compactml.errors import CompactMLError
-from compactml.evaluate import PRIMARY, evaluate
 from compactml.progress import progress_bar
 from compactml.quantize.swap import set_layer
-from compactml.task import Task, eval_mode, primary_output, split_batch
+from compactml.sensitivity.measures import make_scorer
+from compactml.task import Task
 
 #: A function from a float layer to its compressed replacement (the layer is left unchanged).
 Variant = Callable[[nn.Module], nn.Module]
-MEASURES = ("auto", "metric", "output")
 
 
 @dataclass(frozen=True)
@@ -131,103 +122,6 @@ def choose_bits(
     return {name: chosen[name] for name in names}
 
 
-def _device_of(model: nn.Module) -> torch.device | None:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return None
-
-
-def _to(inputs: Any, device: torch.device | None) -> Any:
-    if device is None:
-        return inputs
-    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, inputs)
-
-
-class _MetricDrop:
-    """Damage = drop of the task's headline metric on the first ``batches`` eval batches."""
-
-    def __init__(self, model: nn.Module, task: Task, batches: int | None) -> None:
-        self.task, self.batches = task, batches
-        self.higher = PRIMARY.get(task.kind, ("", "higher"))[1] == "higher"
-        self.baseline = self._value(model)
-        self.name = evaluate_name(task)
-        where = "all" if batches is None else f"{batches}"
-        self.describe = f"{self.name} drop on {where} eval batches"
-
-    def _value(self, model: nn.Module) -> float:
-        metrics = evaluate(model, self.task, limit=self.batches, noise_levels=())
-        return float(metrics.primary_value)
-
-    def __call__(self, model: nn.Module) -> float:
-        value = self._value(model)
-        if not math.isfinite(value):
-            return math.inf
-        return self.baseline - value if self.higher else value - self.baseline
-
-
-def evaluate_name(task: Task) -> str:
-    """The name of the task's headline metric (``"metric"`` for a custom callable)."""
-    return PRIMARY[task.kind][0] if task.kind in PRIMARY else "metric"
-
-
-class _OutputError:
-    """Damage = relative squared error of the final outputs against the float model's."""
-
-    def __init__(self, model: nn.Module, task: Task, batches: int | None) -> None:
-        self.task = task
-        device = _device_of(model)
-        self.inputs = [_to(split_batch(b)[0], device) for b in task.batches("calib", batches)]
-        if not self.inputs:
-            raise CompactMLError(
-                "the task's calib data has no batches; pass Task(calib=...) with at least one"
-            )
-        self.reference = [self._outputs(model, x) for x in self.inputs]
-        self.norm = sum(float(y.pow(2).sum()) for y in self.reference) or 1.0
-        self.baseline = 0.0
-        self.describe = f"relative output error on {len(self.inputs)} calib batches"
-
-    def _outputs(self, model: nn.Module, inputs: Any) -> torch.Tensor:
-        with eval_mode(model), torch.inference_mode():
-            return primary_output(self.task.run(model, inputs)).float()
-
-    def __call__(self, model: nn.Module) -> float:
-        error = 0.0
-        for inputs, ref in zip(self.inputs, self.reference, strict=True):
-            error += float((self._outputs(model, inputs) - ref).pow(2).sum())
-        return error / self.norm if math.isfinite(error) else math.inf
-
-
-def resolve_measure(task: Task | None, measure: str) -> str:
-    """``"metric"`` or ``"output"`` for ``measure`` (``"auto"`` looks at what the task has)."""
-    if measure not in MEASURES:
-        raise CompactMLError(f"measure={measure!r} is not supported; use one of {MEASURES}")
-    if task is None:
-        raise CompactMLError(
-            "measuring layer sensitivity needs data; pass a Task with calib batches "
-            "(or eval batches and a metric)"
-        )
-    if measure == "auto":
-        metric_ready = task.kind in PRIMARY and task.has("eval")
-        measure = "metric" if metric_ready else "output"
-    if measure == "output" and not task.has("calib"):
-        raise CompactMLError(
-            "measuring output error needs calibration inputs; pass Task(calib=...) "
-            "or use the metric measure with eval data"
-        )
-    if measure == "metric" and task.kind != "custom" and not task.has("eval"):
-        raise CompactMLError(
-            "measuring a metric drop needs eval data; pass Task(eval=...) or use measure "
-            "'output' with calib data"
-        )
-    return measure
-
-
-def check_batches(batches: int | None) -> None:
-    """Raise unless ``batches`` is a positive int or None (all batches)."""
-    if batches is not None and (type(batches) is not int or batches < 1):
-        raise CompactMLError(f"batches must be a positive number or None, got {batches!r}")
-
-
 def layer_sensitivity(
     model: nn.Module,
     task: Task | None,
@@ -249,10 +143,8 @@ def layer_sensitivity(
         batches: how many batches each measurement runs on (None: all of them).
         progress: show a progress bar over the ``len(layers) * len(variants)`` measurements.
     """
-    check_batches(batches)
-    measure = resolve_measure(task, measure)
     work = copy.deepcopy(model)
-    scorer = (_MetricDrop if measure == "metric" else _OutputError)(work, task, batches)
+    scorer = make_scorer(work, task, measure, batches)
     damage: dict[str, dict[str, float]] = {name: {} for name in layers}
     failed: dict[str, dict[str, str]] = {}
     pairs = [(layer, variant) for layer in layers for variant in variants]

@@ -70,6 +70,7 @@ class WeightOnly(Technique):
     """
 
     family = "quantize"
+    level = "bits"
     bits: int = 4
     group_size: int | None = 32
     symmetric: bool = True

@@ -1,4 +1,5 @@
-"""Charts for the report: stored bytes per layer, and top-1 accuracy versus input noise.
+"""Charts for the report: stored bytes per layer, top-1 accuracy versus input noise, and
+per-layer sensitivity curves.
 
 Drawn with matplotlib's object API (``Figure`` on an Agg canvas), never pyplot, and imported
 only when a chart is drawn: nothing here touches matplotlib's global state or the backend a
@@ -9,11 +10,13 @@ the Markdown report and the HTML report embeds.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 PER_LAYER_CHART = "per_layer_size.png"
 NOISE_CHART = "accuracy_vs_noise.png"
+SENSITIVITY_CHART = "sensitivity.png"
 TOP_LAYERS = 25  # the per-layer chart shows at most this many layers, the largest
 _BYTE_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB")
 _LABEL_CHARS = 48  # longer layer labels are shortened in the middle
@@ -133,6 +136,66 @@ def accuracy_vs_noise_png(
     axes.set_title("Accuracy under input noise")
     axes.grid(alpha=0.3)
     return _png(figure)
+
+
+def _points(curve: Sequence[tuple[Any, Any]]) -> tuple[list[float], list[float]]:
+    """The curve's points sorted by level; a missing or non-numeric value becomes NaN, which
+    leaves a gap in the line."""
+    pairs = [(as_number(level), as_number(value)) for level, value in curve]
+    pairs = sorted((p for p in pairs if p[0] is not None), key=lambda p: p[0])
+    return [x for x, _ in pairs], [math.nan if y is None else y for _, y in pairs]
+
+
+def sensitivity_png(
+    curves: Mapping[str, Sequence[tuple[Any, Any]]],
+    *,
+    level_name: str = "level",
+    metric_name: str = "metric",
+    baseline: float | None = None,
+    title: str = "Sensitivity per layer",
+    order: Sequence[str] | None = None,
+    top: int = 10,
+) -> bytes:
+    """Sensitivity curves (PNG): one line per layer, x = level, y = the metric with only that
+    layer compressed at that level, and the untouched model's ``baseline`` as a dashed line.
+
+    ``curves`` maps a layer name to its ``(level, value)`` points (None or NaN values, e.g.
+    failures, leave gaps). With more than ``top`` layers, the first ``top`` of ``order`` (most
+    sensitive first; default: the order of ``curves``) are coloured and named in the legend
+    and the rest are drawn as thin grey lines.
+    """
+    names = [n for n in (order or curves) if n in curves]
+    names += [n for n in curves if n not in names]
+    named = names[:top]
+    figure = _figure(9.0, 5.0)
+    axes = figure.add_subplot()
+    for name in reversed(names[top:]):  # grey lines underneath the coloured ones
+        axes.plot(*_points(curves[name]), "-", color="#b0b0b0", linewidth=0.8)
+    colors = _colors(len(named))
+    for name, color in zip(named, colors, strict=True):
+        axes.plot(*_points(curves[name]), "o-", color=color, markersize=3, label=_plain(name))
+    baseline = as_number(baseline)
+    if baseline is not None and math.isfinite(baseline):
+        axes.axhline(baseline, color="black", linestyle="--", linewidth=1, label="baseline")
+    levels = sorted({x for name in names for x in _points(curves[name])[0]})
+    if 0 < len(levels) <= 12:
+        axes.set_xticks(levels, labels=[f"{x:g}" for x in levels])
+    axes.set_xlabel(_plain(level_name))
+    axes.set_ylabel(_plain(metric_name))
+    shown = f" ({top} most sensitive of {len(names)} named)" if len(names) > top else ""
+    axes.set_title(str(title).replace("$", r"\$") + shown, fontsize=10)
+    axes.grid(alpha=0.3)
+    if named or baseline is not None:
+        axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _png(figure)
+
+
+def _colors(count: int) -> list[Any]:
+    """``count`` colours from matplotlib's tab10 map (tab20 beyond ten)."""
+    from matplotlib import colormaps
+
+    cmap, size = (colormaps["tab10"], 10) if count <= 10 else (colormaps["tab20"], 20)
+    return [cmap(i % size) for i in range(count)]
 
 
 def render_charts(report: Mapping[str, Any]) -> dict[str, bytes]:
