@@ -249,6 +249,110 @@ def quantize_cmd(
     _save_report(full, out)
 
 
+def _prune_notes(before: dict, after: dict, net, method: str) -> list[str]:
+    from compactml.config import history
+
+    notes = [
+        f"Method {method}: artifact {after['stored_bytes']:,} bytes "
+        f"({after['stored_bytes'] / before['stored_bytes']:.3f}x), parameters "
+        f"{after['params']:,} ({after['params'] / max(before['params'], 1):.3f}x), non-zero "
+        f"{after['nonzero_params']:,}, MACs {after['macs']:,} "
+        f"({after['macs'] / max(before['macs'], 1):.3f}x).",
+    ]
+    b, a = (before.get("latency") or {}), (after.get("latency") or {})
+    if b.get("median_ms") and a.get("median_ms"):
+        b, a = b["median_ms"], a["median_ms"]
+        notes.append(f"PyTorch latency: {b:.3f} ms before, {a:.3f} ms after ({b / a:.2f}x).")
+    for entry in history(net):
+        for layer, reason in entry["skipped"].items():
+            notes.append(f"{entry['technique']} left {layer} alone: {reason}")
+    return notes
+
+
+def _ort_speed_note(net, pruned, example, onnx_path: Path) -> str:
+    import tempfile
+
+    from compactml.export import ort
+    from compactml.export.onnx import export
+
+    with tempfile.TemporaryDirectory() as folder:
+        base = ort.latency(ort.session(export(net, Path(folder) / "a.onnx", example)), example)
+    after = ort.latency(ort.session(onnx_path), example)
+    b, a = base["median_ms"], after["median_ms"]
+    return (
+        f"ONNX Runtime latency ({ort.DEFAULT_THREADS} threads): {b:.3f} ms before, {a:.3f} ms "
+        f"after ({b / a:.2f}x)."
+    )
+
+
+@app.command("prune")
+def prune_cmd(
+    model: str = typer.Argument(..., help="built-in name, .cml file, HF folder or file.py:fn"),
+    method: str = typer.Option(..., help="magnitude, taylor, nm, channels or heads"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder for model.cml, model.onnx"),
+    sparsity: float | None = typer.Option(None, help="share of weights to zero (unstructured)"),
+    ratio: float | None = typer.Option(None, help="share of channels or heads to remove"),
+    scope: str | None = typer.Option(None, help="layer or global (magnitude, taylor)"),
+    n: int | None = typer.Option(None, help="N of N:M (weights kept per group)"),
+    m: int | None = typer.Option(None, help="M of N:M (group size)"),
+    importance: str | None = typer.Option(None, help="l1, l2, taylor or bn_scale (channels)"),
+    steps: int | None = typer.Option(None, help="iterative schedule: pruning steps"),
+    epochs: int | None = typer.Option(None, help="fine-tuning epochs per step / after pruning"),
+    lr: float | None = typer.Option(None, help="fine-tuning learning rate"),
+    exclude: list[str] = typer.Option([], help="module-name pattern to leave alone"),
+    onnx: bool = typer.Option(True, help="also export model.onnx and time it in ONNX Runtime"),
+    input_shape: str | None = typer.Option(None, help="example input shape, e.g. 1,3,224,224"),
+    trust_factory: bool = typer.Option(False, help=TRUST_HELP),
+) -> None:
+    """Prune a model; write the .cml artifact, the ONNX file and a report vs the original.
+
+    With --epochs and no --steps, the pruned model is fine-tuned on the task's training data
+    afterwards (masks kept)."""
+    from compactml.evaluate import evaluate
+    from compactml.export.artifact import save
+    from compactml.export.onnx import export
+    from compactml.profile import profile as run_profile
+    from compactml.prune import prune
+    from compactml.prune.methods import method_config
+    from compactml.report.console import console_blocks
+
+    options = dict(sparsity=sparsity, ratio=ratio, scope=scope, n=n, m=m, steps=steps)
+    options |= dict(importance=importance, epochs=epochs, lr=lr, exclude=exclude)
+    config = method_config(method, **options)
+    if out.exists() and not out.is_dir():
+        raise CompactMLError(f"--out {out} is a file; give a folder for the outputs")
+    net, task = _resolve(model, trust_factory)
+    example = _example_input(task, input_shape)
+    pruned = prune(net, config, task)
+    if epochs and not steps:
+        from compactml.training import fine_tune
+
+        fine_tune(pruned, task, epochs=epochs, lr=lr or 1e-3, progress=OUT.human)
+        pruned.eval()
+    artifact = save(pruned, out / "model.cml")
+    onnx_path = export(pruned, out / "model.onnx", example) if onnx else None
+    before = run_profile(net, example, repeats=10).to_dict()
+    after = run_profile(pruned, example, repeats=10).to_dict()
+    has_eval = task is not None and task.has("eval")
+    metrics = dict(evaluate(pruned, task, reference=net)) if has_eval else None
+    original = dict(evaluate(net, task)) if has_eval else None
+    notes = _prune_notes(before, after, pruned, method)
+    notes.append(f"Artifact: {artifact}" + (f"; ONNX: {onnx_path}" if onnx_path else ""))
+    if onnx_path is not None:
+        notes.append(_ort_speed_note(net, pruned, example, onnx_path))
+    full = new_report(
+        f"{model} pruned with {method}",
+        model,
+        profile=after,
+        metrics=metrics,
+        reference_metrics=original,
+        notes=notes,
+    )
+    OUT.emit(full)
+    OUT.print(*console_blocks(full, skip=("Overview", "Layers")))
+    _save_report(full, out)
+
+
 @app.command()
 def targets() -> None:
     """List the built-in devices that --target accepts, with their memory."""
