@@ -11,6 +11,7 @@ from compactml.export.onnx import export
 from compactml.export.signing import generate_keypair, write_keypair
 from compactml.profile import Profile, profile
 from compactml.profile.targets import load_targets
+from compactml.prune import NM, Iterative, Magnitude, OneShot, Taylor, prune, sparsity
 from compactml.quantize import (
     QAT,
     Dynamic,
@@ -20,8 +21,10 @@ from compactml.quantize import (
     WeightOnly,
     quantize,
 )
+from compactml.sensitivity import SensitivityTable, sensitivity
 from compactml.task import Task
 from compactml.techniques import TECHNIQUES
+from compactml.training import fine_tune
 
 __version__ = "0.1.0"
 
@@ -31,25 +34,35 @@ __all__ = [
     "CompactMLError",
     "Dynamic",
     "Half",
+    "Iterative",
+    "Magnitude",
     "Metrics",
     "MixedPrecision",
+    "NM",
+    "OneShot",
     "Profile",
     "QAT",
+    "SensitivityTable",
     "SignatureError",
     "Static",
     "Task",
+    "Taylor",
     "__version__",
     "evaluate",
     "examples",
     "export",
+    "fine_tune",
     "generate_keypair",
     "load",
     "load_targets",
     "profile",
+    "prune",
     "quantize",
     "read_manifest",
     "save",
+    "sensitivity",
     "sign_artifact",
+    "sparsity",
     "verify_artifact",
     "WeightOnly",
     "write_keypair",

@@ -11,6 +11,8 @@ from typing import Any
 
 from compactml.config import Technique
 from compactml.errors import CompactMLError
+from compactml.prune.nm import NM
+from compactml.prune.unstructured import Magnitude, Taylor
 from compactml.quantize.dynamic import Dynamic
 from compactml.quantize.mixed import MixedPrecision
 from compactml.quantize.ptq import Static
@@ -24,6 +26,9 @@ TECHNIQUES: dict[str, type[Technique]] = {
     "qat": QAT,
     "dynamic": Dynamic,
     "static": Static,
+    "magnitude": Magnitude,
+    "taylor": Taylor,
+    "nm": NM,
 }
 
 
