@@ -53,7 +53,7 @@ def attach_mask(layer: nn.Module, mask: torch.Tensor) -> torch.Tensor:
         mask = mask & old.to(mask.device)
     layer.register_buffer(MASK, mask.contiguous(), persistent=True)
     with torch.no_grad():
-        weight.mul_(mask.to(weight.dtype))
+        weight.masked_fill_(~mask, 0.0)  # +0.0 (a multiply would leave -0.0 for negatives)
     return mask
 
 
@@ -61,7 +61,7 @@ def apply_masks(model: nn.Module) -> nn.Module:
     """Zero, in place, every masked weight of ``model`` (returns the model)."""
     with torch.no_grad():
         for _, layer in masked_layers(model):
-            layer.weight.mul_(get_mask(layer).to(layer.weight.dtype))
+            layer.weight.masked_fill_(~get_mask(layer), 0.0)
     return model
 
 
