@@ -11,7 +11,18 @@ from compactml.export.onnx import export
 from compactml.export.signing import generate_keypair, write_keypair
 from compactml.profile import Profile, profile
 from compactml.profile.targets import load_targets
-from compactml.prune import NM, Iterative, Magnitude, OneShot, Taylor, prune, sparsity
+from compactml.prune import (
+    NM,
+    Channels,
+    Graph,
+    Heads,
+    Iterative,
+    Magnitude,
+    OneShot,
+    Taylor,
+    prune,
+    sparsity,
+)
 from compactml.quantize import (
     QAT,
     Dynamic,
@@ -31,9 +42,12 @@ __version__ = "0.1.0"
 __all__ = [
     "TECHNIQUES",
     "ArtifactError",
+    "Channels",
     "CompactMLError",
     "Dynamic",
+    "Graph",
     "Half",
+    "Heads",
     "Iterative",
     "Magnitude",
     "Metrics",

@@ -12,6 +12,7 @@ from typing import Any
 from compactml.config import Technique
 from compactml.errors import CompactMLError
 from compactml.prune.nm import NM
+from compactml.prune.structured import Channels, Heads
 from compactml.prune.unstructured import Magnitude, Taylor
 from compactml.quantize.dynamic import Dynamic
 from compactml.quantize.mixed import MixedPrecision
@@ -29,6 +30,8 @@ TECHNIQUES: dict[str, type[Technique]] = {
     "magnitude": Magnitude,
     "taylor": Taylor,
     "nm": NM,
+    "channels": Channels,
+    "heads": Heads,
 }
 
 

@@ -3,7 +3,9 @@
 The verb is thin: it checks that ``config`` is a pruning technique and calls
 ``config.apply(model, task)``. The criteria are pure functions in ``criteria.py``, masks are
 buffers handled by ``masks.py``, ``unstructured.py`` holds ``Magnitude`` and ``Taylor``,
-``nm.py`` holds ``NM``, and ``schedule.py`` the ``OneShot`` and ``Iterative`` schedules.
+``nm.py`` holds ``NM``, ``schedule.py`` the ``OneShot`` and ``Iterative`` schedules, and
+``structured.py`` ``Channels`` and ``Heads``, which physically remove channels, neurons and
+heads found as coupled groups by the dependency graph (``graph.py``, traced by ``trace.py``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from torch import nn
 
 from compactml.config import Technique
 from compactml.errors import CompactMLError
+from compactml.prune.graph import Graph, Group
 from compactml.prune.masks import (
     Sparsity,
     apply_masks,
@@ -22,10 +25,15 @@ from compactml.prune.masks import (
 )
 from compactml.prune.nm import NM
 from compactml.prune.schedule import Iterative, OneShot
+from compactml.prune.structured import Channels, Heads
 from compactml.prune.unstructured import Magnitude, Taylor
 from compactml.task import Task
 
 __all__ = [
+    "Channels",
+    "Graph",
+    "Group",
+    "Heads",
     "NM",
     "Iterative",
     "Magnitude",
