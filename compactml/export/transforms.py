@@ -15,7 +15,10 @@ base into the saved model:
   "dtype": "bool", "requires_grad": false}`` registers a parameter or persistent buffer the
   base lacks (or whose shape changed); its value comes from the stored tensors;
 - ``{"op": "remove_tensor", "module": "fc", "name": "bias", "none": true}`` removes one (or
-  sets it None, as a layer built with ``bias=False`` holds it).
+  sets it None, as a layer built with ``bias=False`` holds it);
+- ``{"op": "set_config", "module": "encoder", "key": "intermediate_size", "value": 768}`` sets
+  a plain entry of the module's Hugging Face ``config`` (one whose ``to_dict()`` differs from
+  the base's), so a pruned model's config describes its smaller layers again after loading.
 
 ``plan_transforms`` computes them at save time; ``apply_transforms`` replays them at load time.
 A malformed transform raises ValueError, KeyError or TypeError (the loader reports those as a
@@ -49,6 +52,7 @@ TRANSFORM_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "set": {"attr": str, "value": object, "tuple": bool},
     "add_tensor": {"name": str, "kind": str, "shape": list, "dtype": str, "requires_grad": bool},
     "remove_tensor": {"name": str, "none": bool},
+    "set_config": {"key": str, "value": object},
 }
 _MISSING = object()
 
@@ -103,6 +107,12 @@ def check_transform(op: Any) -> None:
             raise ValueError(f"value of {op['module']}.{attr} is not a plain value")
     elif op["op"] in ("add_tensor", "remove_tensor"):
         _check_tensor_fields(op)
+    elif op["op"] == "set_config":
+        key = op["key"]
+        if not key.isidentifier() or key.startswith("_"):
+            raise ValueError(f"config entry {key!r} cannot be set by a transform")
+        if not is_plain(op["value"]):
+            raise ValueError(f"value of config entry {key!r} is not a plain value")
 
 
 def find_module(root: nn.Module, name: str) -> nn.Module | None:
@@ -190,6 +200,24 @@ def _set(root: nn.Module, name: str, attr: str, value: Any, as_tuple: bool) -> n
     return root
 
 
+def _config_of(module: nn.Module) -> Any:
+    """The module's Hugging Face-style ``config`` (an object with ``to_dict``), or None."""
+    config = vars(module).get("config")
+    return config if callable(getattr(config, "to_dict", None)) else None
+
+
+def _set_config(root: nn.Module, name: str, key: str, value: Any) -> nn.Module:
+    config = _config_of(_existing(root, name))
+    if config is None:
+        raise ValueError(f"module {name!r} has no config to set {key!r} in")
+    if callable(getattr(type(config), key, None)) or isinstance(
+        getattr(type(config), key, None), property
+    ):
+        raise ValueError(f"config entry {key!r} is a method or property, not a setting")
+    setattr(config, key, value)
+    return root
+
+
 def apply_transform(root: nn.Module, op: dict[str, Any]) -> nn.Module:
     """Apply one transform to the tree under ``root``; returns the (possibly new) root.
 
@@ -205,6 +233,8 @@ def apply_transform(root: nn.Module, op: dict[str, Any]) -> nn.Module:
         return _set(root, name, op["attr"], op["value"], op["tuple"])
     if kind == "add_tensor":
         return _add_tensor(root, name, op)
+    if kind == "set_config":
+        return _set_config(root, name, op["key"], op["value"])
     return _remove_tensor(root, name, op["name"], op["none"])
 
 
@@ -301,6 +331,23 @@ def _attribute_changes(name: str, module: nn.Module, current: nn.Module) -> list
     return ops
 
 
+def _config_changes(name: str, module: nn.Module, current: nn.Module) -> list[dict[str, Any]]:
+    """Set-config transforms for the plain config entries ``module`` and ``current`` differ in
+    (modules sharing one config object are compared once: the first change updates them all)."""
+    want, have = _config_of(module), _config_of(current)
+    if want is None or have is None:
+        return []
+    old = have.to_dict()
+    return [
+        {"op": "set_config", "module": name, "key": key, "value": value}
+        for key, value in sorted(want.to_dict().items())
+        if key.isidentifier()
+        and not key.startswith("_")
+        and is_plain(value)
+        and (key not in old or as_json(old[key]) != as_json(value))
+    ]
+
+
 def _tree(root: nn.Module) -> list[tuple[str, str, str]]:
     return [
         (name, type(m).__module__, type(m).__qualname__)
@@ -344,7 +391,8 @@ def plan_transforms(model: nn.Module, base: nn.Module) -> list[dict[str, Any]]:
             transforms.append(op)
             current = find_module(rebuilt, name)
         changes = _child_changes(name, module, current) + _tensor_changes(name, module, current)
-        for op in changes + _attribute_changes(name, module, current):
+        changes += _attribute_changes(name, module, current)
+        for op in changes + _config_changes(name, module, current):
             rebuilt = apply_transform(rebuilt, op)
             transforms.append(op)
     _check_rebuilt(model, rebuilt)

@@ -75,3 +75,32 @@ def test_bert_encoder_with_shrunk_layer_and_skeleton(bert_file, tmp_path, pertur
         with torch.no_grad():
             want = model(input_ids=ids).last_hidden_state
             assert torch.equal(loaded(input_ids=ids).last_hidden_state, want)
+
+
+def test_a_changed_config_entry_is_restored_on_load(bert_file, tmp_path, perturb):
+    model, _ = load_factory(f"{bert_file}:encoder")
+    for block in model.encoder.layer:  # every FFN shrunk alike, so the config can say so
+        block.intermediate.dense = torch.nn.Linear(16, 20)
+        block.output.dense = torch.nn.Linear(20, 16)
+    model.config.intermediate_size = 20
+    perturb(model)
+    path = save(model, tmp_path / "enc.cml")
+    ops = [t for t in read_manifest(path)["transforms"] if t["op"] == "set_config"]
+    assert ops == [{"op": "set_config", "module": "", "key": "intermediate_size", "value": 20}]
+    loaded = load(path, trust_factory=True)
+    assert loaded.config.intermediate_size == 20
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        want = model(input_ids=ids).last_hidden_state
+        assert torch.equal(loaded(input_ids=ids).last_hidden_state, want)
+
+
+@pytest.mark.parametrize("key, value", [("_secret", 1), ("to_dict", 1), ("x", {"a": 1})])
+def test_a_bad_set_config_transform_is_refused(bert_file, key, value):
+    from compactml.export.transforms import apply_transform
+
+    model, _ = load_factory(f"{bert_file}:encoder")
+    op = {"op": "set_config", "module": "", "key": key, "value": value}
+    with pytest.raises(ValueError):
+        apply_transform(model, op)
+    assert callable(model.config.to_dict) and not hasattr(model.config, "_secret")
