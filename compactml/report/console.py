@@ -9,7 +9,8 @@ from rich.console import RenderableType
 from rich.table import Table as RichTable
 from rich.text import Text
 
-from compactml.report.sections import Bullets, Chart, Table, build_sections, human_bytes
+from compactml.report.blocks import Bullets, Chart, Table
+from compactml.report.sections import build_sections, human_bytes
 
 
 def _rich_table(table: Table, title: str | None = None) -> RichTable:

@@ -12,8 +12,9 @@ from collections.abc import Mapping
 from html import escape
 from typing import Any
 
+from compactml.report.blocks import Block, Bullets, Chart, Table
 from compactml.report.plots import render_charts
-from compactml.report.sections import Block, Bullets, Chart, Table, build_sections
+from compactml.report.sections import build_sections
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1f2328;

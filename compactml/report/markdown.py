@@ -6,7 +6,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from compactml.report.sections import Block, Bullets, Chart, Table, build_sections
+from compactml.report.blocks import Block, Bullets, Chart, Table
+from compactml.report.sections import build_sections
 
 _MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*[]<>|"})
 

@@ -17,6 +17,7 @@ from typing import Any
 PER_LAYER_CHART = "per_layer_size.png"
 NOISE_CHART = "accuracy_vs_noise.png"
 SENSITIVITY_CHART = "sensitivity.png"
+CHARTS = (PER_LAYER_CHART, NOISE_CHART, SENSITIVITY_CHART)  # every chart a report can have
 TOP_LAYERS = 25  # the per-layer chart shows at most this many layers, the largest
 _BYTE_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB")
 _LABEL_CHARS = 48  # longer layer labels are shortened in the middle
@@ -59,6 +60,43 @@ def noise_points(metrics: Mapping[str, Any] | None) -> list[Mapping[str, Any]]:
     """The metrics' accuracy-under-noise points (dicts with sigma and top1); empty when absent."""
     points = (metrics or {}).get("noise") or []
     return [point for point in points if isinstance(point, Mapping)]
+
+
+def sensitivity_grid(data: Any) -> tuple[list[float], dict[str, dict[float, Mapping[str, Any]]]]:
+    """The levels and the rows (by layer, then level) of a report's ``sensitivity`` section,
+    which is ``SensitivityTable.to_dict()``; empty when absent. Levels keep the order given
+    in ``levels``, then the order of the rows; layers keep the order of the rows."""
+    if not isinstance(data, Mapping):
+        return [], {}
+    level_name = data.get("level_name")
+    levels = [x for x in map(as_number, data.get("levels") or []) if x is not None]
+    grid: dict[str, dict[float, Mapping[str, Any]]] = {}
+    for row in data.get("rows") or []:
+        if not isinstance(row, Mapping) or not isinstance(row.get("layer"), str):
+            continue
+        level = as_number(row.get(level_name))
+        if level is None:
+            continue
+        grid.setdefault(row["layer"], {})[level] = row
+        if level not in levels:
+            levels.append(level)
+    return levels, grid
+
+
+def sensitivity_curves(data: Any) -> dict[str, list[tuple[float, float | None]]]:
+    """Layer -> its ``(level, metric)`` points, most sensitive layer (largest damage at any
+    level) first, from a report's ``sensitivity`` section; layers without a single measured
+    value (they failed at every level) are left out."""
+    levels, grid = sensitivity_grid(data)
+    metric = data.get("metric") if isinstance(data, Mapping) else None
+    curves, worst = {}, {}
+    for layer, cells in grid.items():
+        points = [(lv, as_number(cells[lv].get(metric)) if lv in cells else None) for lv in levels]
+        if any(value is not None for _, value in points):
+            curves[layer] = points
+            damages = [as_number(row.get("damage")) for row in cells.values()]
+            worst[layer] = max((d for d in damages if d is not None), default=-math.inf)
+    return {layer: curves[layer] for layer in sorted(curves, key=lambda name: -worst[name])}
 
 
 def _figure(width: float, height: float) -> Any:
@@ -208,4 +246,15 @@ def render_charts(report: Mapping[str, Any]) -> dict[str, bytes]:
     if points:
         reference = noise_points(report.get("reference_metrics"))
         charts[NOISE_CHART] = accuracy_vs_noise_png(points, reference)
+    curves = sensitivity_curves(report.get("sensitivity"))
+    if curves:
+        data = report["sensitivity"]
+        charts[SENSITIVITY_CHART] = sensitivity_png(
+            curves,
+            level_name=str(data.get("level_name")),
+            metric_name=str(data.get("metric")),
+            baseline=data.get("baseline"),
+            title=f"{data.get('technique', 'Technique')}: {data.get('metric')} with one layer "
+            "compressed at a time",
+        )
     return charts

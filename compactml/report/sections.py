@@ -8,10 +8,19 @@ chart references; ``compactml.report.markdown``, ``compactml.report.html`` and
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from compactml.errors import CompactMLError
+from compactml.report.blocks import (
+    MISSING,
+    Block,
+    Bullets,
+    Chart,
+    Section,
+    Table,
+    percent,
+)
+from compactml.report.blocks import make_table as _table
 from compactml.report.plots import (
     NOISE_CHART,
     PER_LAYER_CHART,
@@ -21,8 +30,7 @@ from compactml.report.plots import (
     noise_points,
 )
 from compactml.report.plots import as_number as _num
-
-MISSING = "—"
+from compactml.report.sensitivity import check_sensitivity, sensitivity_section
 
 _COUNT_UNITS = ("K", "M", "G", "T", "P")
 
@@ -61,49 +69,9 @@ def human_energy(microjoules: float) -> str:
     return f"{value / 1e6:.2f} J"
 
 
-def percent(fraction: float) -> str:
-    """A fraction in [0, 1] as a percent with two decimals: 0.9512 -> "95.12%"."""
-    return f"{float(fraction) * 100:.2f}%"
-
-
 def exact_bytes(n: int) -> str:
     """A byte count in human units followed by the exact count: "1.50 KiB (1,536 bytes)"."""
     return f"{human_bytes(n)} ({int(n):,} bytes)"
-
-
-@dataclass(frozen=True)
-class Table:
-    """A table of formatted cells; ``numeric`` marks the columns to align right."""
-
-    header: tuple[str, ...]
-    rows: tuple[tuple[str, ...], ...]
-    numeric: tuple[bool, ...]
-
-
-@dataclass(frozen=True)
-class Bullets:
-    """A bulleted list of plain-text items."""
-
-    items: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Chart:
-    """A chart written beside the report as ``file`` (PNG), described by ``alt``."""
-
-    file: str
-    alt: str
-
-
-Block = str | Table | Bullets | Chart  # a str is a plain-text paragraph
-
-
-@dataclass(frozen=True)
-class Section:
-    """One titled part of the report: its blocks in reading order."""
-
-    title: str
-    blocks: tuple[Block, ...]
 
 
 def check_report(report: Any) -> None:
@@ -121,6 +89,7 @@ def check_report(report: Any) -> None:
                 f"report field '{key}' must be a dict or null, got {type(report[key]).__name__}; "
                 "pass the section's dict or leave it out"
             )
+    check_sensitivity(report.get("sensitivity"))
     notes = report.get("notes")
     if notes is not None and (isinstance(notes, str) or not isinstance(notes, Sequence)):
         raise CompactMLError("report field 'notes' must be a list of strings; wrap a note in [...]")
@@ -159,11 +128,6 @@ _NOT_HEADLINE = {"kind", "per_class_accuracy", "noise"}
 def _fmt(value: Any, fmt: Callable[[float], str]) -> str:
     number = _num(value)
     return MISSING if number is None else fmt(number)
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], numeric: Sequence[bool]) -> Table:
-    cells = tuple(tuple(MISSING if cell is None else str(cell) for cell in row) for row in rows)
-    return Table(tuple(header), cells, tuple(numeric))
 
 
 def _overview(report: Mapping[str, Any]) -> Section:
@@ -386,6 +350,7 @@ def build_sections(report: Mapping[str, Any]) -> list[Section]:
         _summary(report.get("profile")),
         _device_fit(report.get("profile")),
         _metrics(report.get("metrics"), report.get("reference_metrics")),
+        sensitivity_section(report.get("sensitivity")),
         _layers(report.get("profile")),
         _artifact(report.get("artifact")),
         _notes(report.get("notes")),

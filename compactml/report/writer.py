@@ -14,7 +14,7 @@ from compactml.errors import CompactMLError
 from compactml.io import atomic_write_bytes, atomic_write_text
 from compactml.report.html import render_html
 from compactml.report.markdown import render_markdown
-from compactml.report.plots import NOISE_CHART, PER_LAYER_CHART, render_charts
+from compactml.report.plots import CHARTS, render_charts
 from compactml.report.sections import check_report
 
 
@@ -63,7 +63,7 @@ def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[
     one of the same name; a chart left by an earlier report that this one has no data for is
     removed, so report.md never sits beside a stale chart. Returns the paths as
     ``{"json", "markdown", "html"}`` plus one entry per chart, keyed by its file stem
-    (``"per_layer_size"``, ``"accuracy_vs_noise"``).
+    (``"per_layer_size"``, ``"accuracy_vs_noise"``, ``"sensitivity"``).
     """
     text = report_json(report)  # validates, and fails before anything is written
     data = json.loads(text)
@@ -75,7 +75,7 @@ def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[
     chart_paths = {
         Path(name).stem: atomic_write_bytes(folder / name, charts[name]) for name in charts
     }
-    for stale in {PER_LAYER_CHART, NOISE_CHART} - set(charts):
+    for stale in set(CHARTS) - set(charts):
         with contextlib.suppress(FileNotFoundError):
             (folder / stale).unlink()
     paths = {
