@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from compactml.config import Technique, record
+from compactml.config import Technique, matches, record
 from compactml.errors import CompactMLError
 from compactml.prune.graph import Graph, Group
 from compactml.prune.importance import IMPORTANCE, score_groups
@@ -70,14 +70,23 @@ class _Structured(Technique):
                 f"{type(self).__name__} traces the model on an example input; pass a task "
                 "(e.g. cml.Task(example=x))"
             )
-        return Graph.build(
-            model, task.example_input(), task=task, include=self.include, exclude=self.exclude
-        )
+        # Only exclude shapes the trace (an excluded module keeps its channels, and so does
+        # everything coupled to them); include picks groups afterwards (see _selected).
+        return Graph.build(model, task.example_input(), task=task, exclude=self.exclude)
+
+    def _selected(self, group: Group) -> bool:
+        """Whether ``include`` picks ``group``: one of the layers whose outputs are its
+        channels (a convolution's out channels, an FFN's hidden neurons, q/k/v for heads)
+        matches a pattern. ``include=("layer2.*",)`` prunes the groups produced there, with the
+        layers that read them sliced along."""
+        return any(m.dim == "out" and matches(m.name, self.include) for m in group.members)
 
     def _candidates(self, graph: Graph) -> tuple[list[Group], dict[str, str]]:
         """The groups this config prunes, and ``{group: reason}`` for those it leaves."""
         chosen, skipped = [], {}
         for group in graph.groups():
+            if not self._selected(group):
+                continue
             reason = group.pinned_reason()
             if group.kind not in ("fixed", self.kind):
                 if self.kind == "channels":
@@ -183,8 +192,10 @@ class Channels(_Structured):
             (see :mod:`compactml.prune.importance`), summed over the whole group.
         round_to: keep a multiple of this many channels per group (rounded up), e.g. 8 for
             vectorized kernels.
-        include / exclude: module-name patterns; excluded modules keep their channels, and so
-            does every channel coupled to them.
+        include / exclude: module-name patterns. ``include`` picks the groups to prune by the
+            layers that produce them (their output channels), slicing the layers that read
+            them too; excluded modules keep their channels, and so does every channel coupled
+            to them.
 
     Returns a smaller dense model with the same outputs shape. Groups cut into attention heads
     are left to :class:`Heads`. A Hugging Face config's MLP width (``intermediate_size``) is

@@ -211,3 +211,11 @@ def test_pinned_channels_of_a_group_stay_with_a_warning():
     with pytest.warns(UserWarning, match=r"a.out: kept 4 of 8 \(2 cannot be removed\)"):
         pruned = Channels(ratio=0.75).apply(WithInput(), Task(example=torch.randn(1, 3, 4, 4)))
     assert (pruned.a.out_channels, pruned.c.in_channels) == (1, 4)
+
+
+def test_include_picks_the_groups_a_layer_produces():
+    model, task = examples.load("digits-cnn", progress=False)
+    pruned = Channels(ratio=0.5, include=("features.conv2",)).apply(model, task)
+    f = pruned.features
+    assert (f.conv1.out_channels, f.conv2.out_channels, f.conv3.out_channels) == (16, 16, 32)
+    assert f.conv3.in_channels == 16 and f.bn2.num_features == 16  # readers are sliced along
