@@ -56,7 +56,12 @@ def select_layers(
             f"{type(technique).__name__} skipped {len(skipped)} layer(s): {listed}", stacklevel=4
         )
     if not names:
-        raise CompactMLError(f"{type(technique).__name__}: no selected layer can be pruned")
+        first = next(iter(skipped.items()), None)
+        why = f" ({first[0] or 'model'}: {first[1]})" if first else ""
+        raise CompactMLError(
+            f"{type(technique).__name__}: no selected layer can be pruned{why}; select other "
+            "layers with include/exclude"
+        )
     return names, skipped
 
 

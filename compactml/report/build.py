@@ -8,8 +8,8 @@ from typing import Any
 
 def new_report(title: str, model: str, **sections: Any) -> dict:
     """A report with a title, the model's name, a timestamp, the tool version and the given
-    sections (``profile``, ``metrics``, ``reference_metrics``, ``artifact``, ``notes``);
-    sections that are None are left out."""
+    sections (``profile``, ``metrics``, ``reference_metrics``, ``artifact``, ``sensitivity``,
+    ``notes``); sections that are None are left out."""
     from compactml import __version__
 
     report = {
