@@ -24,6 +24,7 @@ from compactml.prune import (
     sparsity,
 )
 from compactml.quantize import (
+    GPTQ,
     QAT,
     Dynamic,
     Half,
@@ -45,6 +46,7 @@ __all__ = [
     "Channels",
     "CompactMLError",
     "Dynamic",
+    "GPTQ",
     "Graph",
     "Half",
     "Heads",

@@ -15,6 +15,7 @@ from compactml.prune.nm import NM
 from compactml.prune.structured import Channels, Heads
 from compactml.prune.unstructured import Magnitude, Taylor
 from compactml.quantize.dynamic import Dynamic
+from compactml.quantize.gptq import GPTQ
 from compactml.quantize.mixed import MixedPrecision
 from compactml.quantize.ptq import Static
 from compactml.quantize.qat import QAT
@@ -27,6 +28,7 @@ TECHNIQUES: dict[str, type[Technique]] = {
     "qat": QAT,
     "dynamic": Dynamic,
     "static": Static,
+    "gptq": GPTQ,
     "magnitude": Magnitude,
     "taylor": Taylor,
     "nm": NM,

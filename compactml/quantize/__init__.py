@@ -16,6 +16,7 @@ from compactml.errors import CompactMLError
 from compactml.quantize.act import ActQuant
 from compactml.quantize.affine import FloatScheme, PerChannel, PerGroup, PerTensor, QScheme
 from compactml.quantize.dynamic import Dynamic, DynamicQuantLinear
+from compactml.quantize.gptq import GPTQ, gptq_quantize
 from compactml.quantize.mixed import MixedPrecision
 from compactml.quantize.modules import QuantConv2d, QuantEmbedding, QuantLinear, QuantOutput
 from compactml.quantize.ptq import Static
@@ -30,6 +31,7 @@ __all__ = [
     "Dynamic",
     "DynamicQuantLinear",
     "FloatScheme",
+    "GPTQ",
     "Half",
     "MixedPrecision",
     "PerChannel",
@@ -44,6 +46,7 @@ __all__ = [
     "Static",
     "WeightOnly",
     "fold_batchnorm",
+    "gptq_quantize",
     "quantize",
 ]
 

@@ -296,12 +296,14 @@ class GPTQ(Technique):
         if problem:
             raise CompactMLError(problem)
         hessian, damp = stats.hessian(), float(self.damp)
-        for _ in range(DAMP_TRIES):
+        for attempt in range(1, DAMP_TRIES + 1):
             try:
                 q = gptq_quantize(
                     weight, hessian, self.scheme(), self.block_size, damp, self.act_order
                 )
             except torch.linalg.LinAlgError:
+                if attempt == DAMP_TRIES:
+                    break
                 warnings.warn(
                     f"GPTQ: the Hessian of {name or 'model'} is not positive definite with "
                     f"damp={damp:g}; retrying with damp={damp * 10:g}",
@@ -312,7 +314,7 @@ class GPTQ(Technique):
             if not bool(torch.isfinite(q.scale).all()):  # codes are integers: scales decide
                 raise CompactMLError("GPTQ produced non-finite weights")
             return q
-        raise CompactMLError(f"the Hessian is not positive definite even with damp={damp / 10:g}")
+        raise CompactMLError(f"the Hessian is not positive definite even with damp={damp:g}")
 
     def apply(self, model: nn.Module, task: Task | None = None) -> nn.Module:
         """A copy of ``model`` whose selected Linear layers hold GPTQ codes."""

@@ -136,10 +136,12 @@ def test_damping_is_raised_until_the_factorization_succeeds():
     with pytest.warns(UserWarning, match=r"Hessian of blocks.1.fc is not positive .*damp=0.1\b"):
         q = GPTQ().quantize_layer("blocks.1.fc", w, _Stats(hessian))
     assert torch.isfinite(q.dequantize()).all()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pytest.raises(CompactMLError, match="not positive definite even with damp=10"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(CompactMLError, match="not positive definite even with damp=10$"):
             GPTQ().quantize_layer("fc", w, _Stats(-torch.eye(128)))
+    retries = [str(c.message).rpartition("retrying with ")[2] for c in caught]
+    assert retries == ["damp=0.1", "damp=1", "damp=10"]
 
 
 # ---------------------------------------------------------------- the config, end to end
