@@ -7,6 +7,8 @@ table of names; nothing registers itself.
 - ``digits-cnn``: a 15k-parameter CNN on scikit-learn's 8x8 digits (trained once, cached).
 - ``minilm``: all-MiniLM-L6-v2 sentence embeddings on a stdlib-docstring retrieval task
   (needs the ``hf`` extra).
+- ``tiny-llama``: a 5M-parameter Llama causal LM trained on the Python stdlib's source, scored
+  by perplexity on held-out modules (trained once in a few minutes, cached; needs ``hf``).
 """
 
 from __future__ import annotations
@@ -16,10 +18,14 @@ from types import ModuleType
 from torch import nn
 
 from compactml.errors import CompactMLError
-from compactml.examples import digits_cnn, minilm
+from compactml.examples import digits_cnn, minilm, tiny_llama
 from compactml.task import Task
 
-BUILTINS: dict[str, ModuleType] = {"digits-cnn": digits_cnn, "minilm": minilm}
+BUILTINS: dict[str, ModuleType] = {
+    "digits-cnn": digits_cnn,
+    "minilm": minilm,
+    "tiny-llama": tiny_llama,
+}
 
 
 def _module(name: str) -> ModuleType:
