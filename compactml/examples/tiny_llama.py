@@ -2,13 +2,14 @@
 
 The architecture is Hugging Face ``transformers``' ``LlamaForCausalLM`` (Touvron et al., 2023,
 "LLaMA": pre-norm RMSNorm, rotary position embeddings, SwiGLU MLP, every projection an
-``nn.Linear``) at toy size. The tokenizer is a byte-level BPE (Sennrich et al., 2016; as in
-GPT-2) trained with ``tokenizers`` on the same training text, so any text encodes and decodes
-back exactly. The text is the running interpreter's standard library
-(:mod:`compactml.examples.stdlib_text`); whole modules are held out for evaluation, and the
-Task's metric is perplexity on them.
+``nn.Linear``) at toy size, wrapped in :class:`CausalLM` so that the model returns a plain
+logits tensor; its decoder layers are ``model.lm.model.layers``. The tokenizer is a byte-level
+BPE (Sennrich et al., 2016; as in GPT-2) trained with ``tokenizers`` on the same training
+text, so any text encodes and decodes back exactly. The text is the running interpreter's
+standard library (:mod:`compactml.examples.stdlib_text`); whole modules are held out for
+evaluation, and the Task's metric is perplexity on them.
 
-Everything is made once per machine (a few minutes on two CPU cores) and cached in
+Everything is made once per machine (about eight minutes on two CPU cores) and cached in
 :func:`compactml.cache.cache_dir` as a Hugging Face style folder: ``model.safetensors``,
 ``config.json`` and ``tokenizer.json``. The folder name carries ``RECIPE_VERSION`` and a digest
 of the recipe and the Python version, so changing either trains anew. Nothing is downloaded.
@@ -77,7 +78,7 @@ class Recipe:
 
     vocab_size: int = 4096
     hidden_size: int = 256
-    intermediate_size: int = 688
+    intermediate_size: int = 640  # a multiple of 128: quantization groups of 64 and 128 fit
     layers: int = 4
     heads: int = 8
     context: int = 128
@@ -131,14 +132,37 @@ def llama_config(recipe: Recipe | None = None) -> Any:
     )
 
 
-def new_model(recipe: Recipe | None = None) -> nn.Module:
-    """A ``LlamaForCausalLM`` with seeded random weights; the global random state is untouched."""
+class CausalLM(nn.Module):
+    """A Hugging Face causal LM (``self.lm``) that returns its logits ``(batch, time, vocab)``.
+
+    A plain tensor output and a two-argument forward keep every compactml tool (evaluation,
+    profiling, ONNX export) free of Hugging Face output objects and keyword options. When no
+    attention mask is given an all-ones mask is passed: without one, transformers looks for
+    packed sequences in the position ids with ``torch.diff``, which ONNX cannot express.
+    """
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Next-token logits for token ids ``(batch, time)``; the mask marks real tokens."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def new_model(recipe: Recipe | None = None) -> CausalLM:
+    """A :class:`CausalLM` around a ``LlamaForCausalLM`` with seeded random weights; the
+    global random state is untouched."""
     recipe = recipe or RECIPE
     transformers = require_transformers(NAME)
     config = llama_config(recipe)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
-        return transformers.LlamaForCausalLM(config)
+        return CausalLM(transformers.LlamaForCausalLM(config))
 
 
 def build() -> nn.Module:
@@ -242,7 +266,7 @@ def _schedule(recipe: Recipe, step: int) -> float:
     return 0.1 + 0.45 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train(tokens: StdlibTokens, progress: bool = True) -> nn.Module:
+def train(tokens: StdlibTokens, progress: bool = True) -> CausalLM:
     """Train a fresh model with ``tokens.recipe`` on the training windows; eval mode on return.
 
     The global torch random state is saved and restored, so calling this has no side effects.
@@ -263,7 +287,7 @@ def train(tokens: StdlibTokens, progress: bool = True) -> nn.Module:
         bar = progress_bar(steps, f"training {NAME} (once)", recipe.steps, enabled=progress)
         for input_ids, labels in bar:
             optimizer.zero_grad(set_to_none=True)
-            causal_lm_loss(model(input_ids).logits, labels).backward()
+            causal_lm_loss(model(input_ids), labels).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
@@ -316,7 +340,7 @@ def cached_tokenizer(recipe: Recipe | None = None) -> Any:
     return _tokenizer_and_text(recipe or RECIPE)[0]
 
 
-def _read_weights(path: Path, recipe: Recipe, tokenizer_sha: str) -> nn.Module | None:
+def _read_weights(path: Path, recipe: Recipe, tokenizer_sha: str) -> CausalLM | None:
     """The cached model, or None (with a warning) when missing, damaged or not for this
     tokenizer."""
     if not path.is_file():
@@ -326,7 +350,7 @@ def _read_weights(path: Path, recipe: Recipe, tokenizer_sha: str) -> nn.Module |
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-        model.load_state_dict(state, strict=True)
+        model.lm.load_state_dict(state, strict=True)  # Hugging Face names, no prefix
     except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as exc:
         log.warning("cached %s weights in %s are unreadable (%s); retraining", NAME, path, exc)
         return None
@@ -353,8 +377,8 @@ def _write_config(folder: Path, recipe: Recipe) -> None:
     atomic_write_text(folder / CONFIG, llama_config(recipe).to_json_string(use_diff=False))
 
 
-def _write_weights(path: Path, model: nn.Module, recipe: Recipe, tokenizer_sha: str) -> None:
-    state = {key: value.contiguous() for key, value in model.state_dict().items()}
+def _write_weights(path: Path, model: CausalLM, recipe: Recipe, tokenizer_sha: str) -> None:
+    state = {key: value.contiguous() for key, value in model.lm.state_dict().items()}
     metadata = {
         "format": "pt",  # lets transformers' from_pretrained read the folder too
         "recipe_version": str(RECIPE_VERSION),

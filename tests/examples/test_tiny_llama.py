@@ -169,7 +169,7 @@ def test_cache_folder_is_a_hugging_face_model_folder(tiny):
     again = LlamaForCausalLM.from_pretrained(str(folder), local_files_only=True).eval()
     ids = task.example_input()
     with torch.no_grad():
-        assert torch.equal(again(ids).logits, model(ids).logits)
+        assert torch.equal(again(ids).logits, model(ids))
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(folder / tl.TOKENIZER))
     assert tokenizer.decode(tokenizer(TRICKY)["input_ids"]) == TRICKY
 
@@ -199,7 +199,7 @@ def test_corrupt_weights_are_retrained_identically(tiny, tiny_cache, caplog):
     for key, value in tiny[0].state_dict().items():  # training is deterministic
         assert torch.equal(model.state_dict()[key], value), key
     with safe_open(str(path), framework="pt") as handle:
-        assert set(handle.keys()) == set(model.state_dict())
+        assert set(handle.keys()) == set(model.lm.state_dict())
     assert not [p for p in tiny_cache.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -208,11 +208,11 @@ def test_non_finite_weights_are_retrained(tiny, tiny_cache, caplog):
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
         state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    state["lm_head.weight"][0, 0] = float("nan")
+    state["lm_head.weight"][0, 0] = float("nan")  # Hugging Face names in the cache
     save_file(state, path, metadata=metadata)
     model, _ = tl.load(progress=False)
     assert "NaN/Inf" in caplog.text
-    assert torch.isfinite(model.lm_head.weight).all()
+    assert torch.isfinite(model.lm.lm_head.weight).all()
 
 
 def test_corrupt_tokenizer_is_retrained_and_weights_kept(tiny, tiny_cache, caplog, monkeypatch):
@@ -224,7 +224,7 @@ def test_corrupt_tokenizer_is_retrained_and_weights_kept(tiny, tiny_cache, caplo
     assert "tokenizer" in caplog.text and "config" in caplog.text
     assert (tiny_cache / tl.TOKENIZER).read_text() == original
     assert json.loads((tiny_cache / tl.CONFIG).read_text())["vocab_size"] == TINY.vocab_size
-    assert torch.equal(model.lm_head.weight, tiny[0].lm_head.weight)
+    assert torch.equal(model.lm.lm_head.weight, tiny[0].lm.lm_head.weight)
 
 
 def test_weights_of_another_tokenizer_are_retrained(tiny, tiny_cache, caplog):
@@ -239,11 +239,23 @@ def test_weights_of_another_tokenizer_are_retrained(tiny, tiny_cache, caplog):
 def test_save_and_load_give_equal_logits(use_tiny, tmp_path):
     model, task, _ = use_tiny
     loaded = cml.load(cml.save(model, tmp_path / "tiny.cml"))
-    assert type(loaded).__name__ == "LlamaForCausalLM"
+    assert type(loaded) is tl.CausalLM and type(loaded.lm).__name__ == "LlamaForCausalLM"
     assert get_source(loaded) == {"kind": "builtin", "name": "tiny-llama"}
     ids = task.example_input()
     with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, model(ids).logits)
+        assert torch.equal(loaded(ids), model(ids))
+
+
+def test_onnx_export_matches_for_any_batch_size(tiny, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    model, task, _ = tiny
+    path = cml.export(model, tmp_path / "tiny.onnx", task.example_input())
+    session = ort.InferenceSession(str(path))
+    (name,) = [i.name for i in session.get_inputs()]  # input ids only: no mask, no options
+    ids = next(task.batches("eval"))[0]
+    (logits,) = session.run(None, {name: ids.numpy()})
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(logits), model(ids), atol=1e-4)
 
 
 def test_builtin_table_builds_without_training(monkeypatch):
@@ -251,12 +263,18 @@ def test_builtin_table_builds_without_training(monkeypatch):
     monkeypatch.setattr(tl, "train", no_training)
     assert examples.BUILTINS["tiny-llama"] is tl
     built = examples.build("tiny-llama")
-    assert not built.training and built.config.num_hidden_layers == TINY.layers
-    assert isinstance(built.model.layers, torch.nn.ModuleList)
-    layer = built.model.layers[0]
+    assert not built.training and built.lm.config.num_hidden_layers == TINY.layers
+    assert isinstance(built.lm.model.layers, torch.nn.ModuleList)
+    layer = built.lm.model.layers[0]
     projections = [layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
     projections += [getattr(layer.self_attn, f"{x}_proj") for x in "qkvo"]
     assert all(type(m) is torch.nn.Linear for m in projections)
+
+
+def test_full_recipe_widths_fit_quantization_groups():
+    # Every Linear reads hidden_size or intermediate_size features: groups of 64 and 128 fit.
+    assert tl.RECIPE.hidden_size % 128 == 0 and tl.RECIPE.intermediate_size % 128 == 0
+    assert tl.RECIPE.hidden_size % tl.RECIPE.heads == 0
 
 
 @pytest.mark.slow
