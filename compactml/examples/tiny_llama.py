@@ -9,7 +9,7 @@ text, so any text encodes and decodes back exactly. The text is the running inte
 standard library (:mod:`compactml.examples.stdlib_text`); whole modules are held out for
 evaluation, and the Task's metric is perplexity on them.
 
-Everything is made once per machine (about eight minutes on two CPU cores) and cached in
+Everything is made once per machine (about six minutes on two CPU cores) and cached in
 :func:`compactml.cache.cache_dir` as a Hugging Face style folder: ``model.safetensors``,
 ``config.json`` and ``tokenizer.json``. The folder name carries ``RECIPE_VERSION`` and a digest
 of the recipe and the Python version, so changing either trains anew. Nothing is downloaded.
@@ -83,7 +83,7 @@ class Recipe:
     heads: int = 8
     context: int = 128
     batch_size: int = 16
-    steps: int = 1000
+    steps: int = 800
     learning_rate: float = 3e-3
     warmup_steps: int = 50
     weight_decay: float = 0.1

@@ -285,4 +285,4 @@ def test_full_model_perplexity_on_held_out_modules():
         pytest.skip(f"the full tiny-llama is not cached ({weights}); load it once to train it")
     model, task = examples.load("tiny-llama", progress=False)
     assert 3e6 < sum(p.numel() for p in model.parameters()) < 10e6
-    assert cml.evaluate(model, task)["perplexity"] < 50  # 43.8 when trained on Python 3.11
+    assert cml.evaluate(model, task)["perplexity"] < 60  # 49.7 when trained on Python 3.11
