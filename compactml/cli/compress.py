@@ -3,13 +3,64 @@ and a report against the original."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from compactml.cli.app import OUT, TRUST_HELP, _example_input, _resolve, _save_report, app
 from compactml.errors import CompactMLError
 from compactml.report.build import new_report
+
+
+@dataclass(frozen=True)
+class _Reporting:
+    """What a compress command says of its result, the rest of its report being shared: the
+    verb of its title, the profiling repeats, ``notes(before, after, new, name)`` from the two
+    profiles, and ``onnx_notes(net, new, example, onnx_path)`` on the ONNX file."""
+
+    verb: str
+    repeats: int
+    notes: Callable[[dict, dict, Any, str], list[str]]
+    onnx_notes: Callable[[Any, Any, Any, Path], list[str]]
+
+
+def _write_and_report(
+    how: _Reporting, name: str, model: str, net, new, task, example, out: Path, onnx: bool
+) -> None:
+    """What ``quantize`` and ``prune`` do once they hold the ``new`` model (made from ``net``
+    with scheme or method ``name``): write model.cml (and model.onnx), profile and evaluate it
+    against ``net``, and write the report, printed or as JSON."""
+    from compactml.evaluate import evaluate
+    from compactml.export.artifact import save
+    from compactml.export.onnx import export
+    from compactml.profile import profile as run_profile
+    from compactml.report.console import console_blocks
+
+    artifact = save(new, out / "model.cml")
+    onnx_path = export(new, out / "model.onnx", example) if onnx else None
+    before = run_profile(net, example, repeats=how.repeats).to_dict()
+    after = run_profile(new, example, repeats=how.repeats).to_dict()
+    has_eval = task is not None and task.has("eval")
+    metrics = dict(evaluate(new, task, reference=net)) if has_eval else None
+    original = dict(evaluate(net, task)) if has_eval else None
+    notes = how.notes(before, after, new, name)
+    notes.append(f"Artifact: {artifact}" + (f"; ONNX: {onnx_path}" if onnx_path else ""))
+    if onnx_path is not None:
+        notes += how.onnx_notes(net, new, example, onnx_path)
+    full = new_report(
+        f"{model} {how.verb} with {name}",
+        model,
+        profile=after,
+        metrics=metrics,
+        reference_metrics=original,
+        notes=notes,
+    )
+    OUT.emit(full)
+    OUT.print(*console_blocks(full, skip=("Overview", "Layers")))
+    _save_report(full, out)
 
 
 def _compare_notes(original: dict, quantized: dict, net, scheme: str) -> list[str]:
@@ -52,6 +103,9 @@ def _onnx_notes(net, quantized, example, onnx_path: Path) -> list[str]:
     ]
 
 
+QUANTIZE = _Reporting("quantized", repeats=5, notes=_compare_notes, onnx_notes=_onnx_notes)
+
+
 @app.command("quantize")
 def quantize_cmd(
     model: str = typer.Argument(..., help="built-in name, .cml file, HF folder or file.py:fn"),
@@ -64,13 +118,8 @@ def quantize_cmd(
     trust_factory: bool = typer.Option(False, help=TRUST_HELP),
 ) -> None:
     """Quantize a model; write the .cml artifact, the ONNX file and a report vs the original."""
-    from compactml.evaluate import evaluate
-    from compactml.export.artifact import save
-    from compactml.export.onnx import export
-    from compactml.profile import profile as run_profile
     from compactml.quantize import quantize
     from compactml.quantize.schemes import scheme_config
-    from compactml.report.console import console_blocks
 
     config = scheme_config(scheme, group_size=group_size, exclude=exclude)
     if out.exists() and not out.is_dir():
@@ -78,28 +127,7 @@ def quantize_cmd(
     net, task = _resolve(model, trust_factory)
     example = _example_input(task, input_shape)
     quantized = quantize(net, config, task)
-    artifact = save(quantized, out / "model.cml")
-    onnx_path = export(quantized, out / "model.onnx", example) if onnx else None
-    before = run_profile(net, example, repeats=5).to_dict()
-    after = run_profile(quantized, example, repeats=5).to_dict()
-    has_eval = task is not None and task.has("eval")
-    metrics = dict(evaluate(quantized, task, reference=net)) if has_eval else None
-    original = dict(evaluate(net, task)) if has_eval else None
-    notes = _compare_notes(before, after, quantized, scheme)
-    notes.append(f"Artifact: {artifact}" + (f"; ONNX: {onnx_path}" if onnx_path else ""))
-    if onnx_path is not None:
-        notes += _onnx_notes(net, quantized, example, onnx_path)
-    full = new_report(
-        f"{model} quantized with {scheme}",
-        model,
-        profile=after,
-        metrics=metrics,
-        reference_metrics=original,
-        notes=notes,
-    )
-    OUT.emit(full)
-    OUT.print(*console_blocks(full, skip=("Overview", "Layers")))
-    _save_report(full, out)
+    _write_and_report(QUANTIZE, scheme, model, net, quantized, task, example, out, onnx)
 
 
 def _prune_notes(before: dict, after: dict, net, method: str) -> list[str]:
@@ -122,7 +150,7 @@ def _prune_notes(before: dict, after: dict, net, method: str) -> list[str]:
     return notes
 
 
-def _ort_speed_note(net, pruned, example, onnx_path: Path) -> str:
+def _ort_speed_notes(net, pruned, example, onnx_path: Path) -> list[str]:
     import tempfile
 
     from compactml.export import ort
@@ -132,10 +160,13 @@ def _ort_speed_note(net, pruned, example, onnx_path: Path) -> str:
         base = ort.latency(ort.session(export(net, Path(folder) / "a.onnx", example)), example)
     after = ort.latency(ort.session(onnx_path), example)
     b, a = base["median_ms"], after["median_ms"]
-    return (
+    return [
         f"ONNX Runtime latency ({ort.DEFAULT_THREADS} threads): {b:.3f} ms before, {a:.3f} ms "
         f"after ({b / a:.2f}x)."
-    )
+    ]
+
+
+PRUNE = _Reporting("pruned", repeats=10, notes=_prune_notes, onnx_notes=_ort_speed_notes)
 
 
 def _check_pruned(pruned, method: str, model: str) -> None:
@@ -176,13 +207,8 @@ def prune_cmd(
 
     With --epochs and no --steps, the pruned model is fine-tuned on the task's training data
     afterwards (masks kept)."""
-    from compactml.evaluate import evaluate
-    from compactml.export.artifact import save
-    from compactml.export.onnx import export
-    from compactml.profile import profile as run_profile
     from compactml.prune import prune
     from compactml.prune.methods import method_config
-    from compactml.report.console import console_blocks
 
     options = dict(sparsity=sparsity, ratio=ratio, scope=scope, n=n, m=m, steps=steps)
     options |= dict(importance=importance, epochs=epochs, lr=lr, exclude=exclude)
@@ -198,25 +224,4 @@ def prune_cmd(
 
         fine_tune(pruned, task, epochs=epochs, lr=lr or 1e-3, progress=OUT.human)
         pruned.eval()
-    artifact = save(pruned, out / "model.cml")
-    onnx_path = export(pruned, out / "model.onnx", example) if onnx else None
-    before = run_profile(net, example, repeats=10).to_dict()
-    after = run_profile(pruned, example, repeats=10).to_dict()
-    has_eval = task is not None and task.has("eval")
-    metrics = dict(evaluate(pruned, task, reference=net)) if has_eval else None
-    original = dict(evaluate(net, task)) if has_eval else None
-    notes = _prune_notes(before, after, pruned, method)
-    notes.append(f"Artifact: {artifact}" + (f"; ONNX: {onnx_path}" if onnx_path else ""))
-    if onnx_path is not None:
-        notes.append(_ort_speed_note(net, pruned, example, onnx_path))
-    full = new_report(
-        f"{model} pruned with {method}",
-        model,
-        profile=after,
-        metrics=metrics,
-        reference_metrics=original,
-        notes=notes,
-    )
-    OUT.emit(full)
-    OUT.print(*console_blocks(full, skip=("Overview", "Layers")))
-    _save_report(full, out)
+    _write_and_report(PRUNE, method, model, net, pruned, task, example, out, onnx)

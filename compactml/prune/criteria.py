@@ -31,36 +31,55 @@ def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().float().abs()
 
 
+def taylor_sums(
+    model: nn.Module, task: Task, weights: list[torch.Tensor], batches: int
+) -> list[torch.Tensor]:
+    """``|w * dL/dw|`` summed over the first ``batches`` batches of ``task.train``, one float32
+    tensor for each of ``weights`` (leaf tensors of ``model``, its parameters).
+
+    The loss is ``task.batch_loss``, differentiated with respect to the weights only (Molchanov
+    et al. 2019: the first-order estimate of the loss change when a weight is removed). The
+    model runs in eval mode (BatchNorm statistics and dropout are left alone); a weight that
+    does not require grad is made to for the sums and then set back, and no ``.grad`` is
+    touched, so the model is left as it was. Unstructured, N:M and channel pruning all score
+    with this one function.
+    """
+    sums = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+    frozen = [w for w in weights if not w.requires_grad]
+    seen = 0
+    try:
+        for weight in frozen:
+            weight.requires_grad_(True)
+        with eval_mode(model), torch.enable_grad():
+            for batch in task.batches("train", batches):
+                loss = task.batch_loss(model, batch)
+                if not bool(torch.isfinite(loss)):
+                    raise CompactMLError(
+                        f"the loss is {float(loss.detach())} on a training batch, so Taylor "
+                        "scores cannot be computed; check the model's weights and the task's "
+                        "train data"
+                    )
+                grads = torch.autograd.grad(loss, weights, allow_unused=True)
+                for total, weight, grad in zip(sums, weights, grads, strict=True):
+                    if grad is not None:
+                        total += (weight.detach() * grad).float().abs()
+                seen += 1
+    finally:
+        for weight in frozen:
+            weight.requires_grad_(False)
+    if seen == 0:
+        raise CompactMLError("task.train gave no batch; Taylor scores need training batches")
+    return sums
+
+
 def taylor_scores(
     model: nn.Module, task: Task, names: list[str], batches: int
 ) -> dict[str, torch.Tensor]:
-    """First-order Taylor importance of each weight of the modules called ``names``.
-
-    For every one of the first ``batches`` batches of ``task.train``, the loss
-    ``task.batch_loss`` is differentiated with respect to each weight and ``|w * dL/dw|`` is
-    added up (Molchanov et al. 2019: the first-order estimate of the loss change when the
-    weight is removed). The model runs in eval mode (BatchNorm statistics and dropout are left
-    alone) and no ``.grad`` is touched; the model is not modified.
-    """
+    """First-order Taylor importance ``{name: |w * dL/dw| summed}`` of the weight of each
+    module called ``names``, over the first ``batches`` batches of ``task.train`` (see
+    :func:`taylor_sums`; the model is not modified)."""
     weights = [model.get_submodule(name).weight for name in names]
-    scores = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
-    seen = 0
-    with eval_mode(model), torch.enable_grad():
-        for batch in task.batches("train", batches):
-            loss = task.batch_loss(model, batch)
-            if not bool(torch.isfinite(loss)):
-                raise CompactMLError(
-                    f"the loss is {float(loss.detach())} on a training batch, so Taylor scores "
-                    "cannot be computed; check the model's weights and the task's train data"
-                )
-            grads = torch.autograd.grad(loss, weights, allow_unused=True)
-            for score, weight, grad in zip(scores, weights, grads, strict=True):
-                if grad is not None:
-                    score += (weight.detach() * grad).float().abs()
-            seen += 1
-    if seen == 0:
-        raise CompactMLError("task.train gave no batch; Taylor scores need training batches")
-    return dict(zip(names, scores, strict=True))
+    return dict(zip(names, taylor_sums(model, task, weights, batches), strict=True))
 
 
 def check_sparsity(sparsity: float) -> None:

@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from compactml.errors import CompactMLError
+from compactml.prune.criteria import taylor_sums
 from compactml.prune.handlers import handler_for
-from compactml.task import Task, eval_mode
+from compactml.task import Task
 
 if TYPE_CHECKING:  # graph.py imports this module
     from compactml.prune.graph import Group, Member
@@ -94,31 +95,8 @@ def taylor_table(
     ``tensors``, from ``task.batch_loss`` on the first ``batches`` batches of ``task.train``
     (eval mode; the model's weights and ``.grad`` are left as they were)."""
     params = list({id(t): t for t in tensors if isinstance(t, nn.Parameter)}.values())
-    table = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params}
-    flags = [p.requires_grad for p in params]
-    seen = 0
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        with eval_mode(model), torch.enable_grad():
-            for batch in task.batches("train", batches):
-                loss = task.batch_loss(model, batch)
-                if not bool(torch.isfinite(loss)):
-                    raise CompactMLError(
-                        f"the loss is {float(loss.detach())} on a training batch, so Taylor "
-                        "importance cannot be computed; check the model and task.train"
-                    )
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-                for p, g in zip(params, grads, strict=True):
-                    if g is not None:
-                        table[id(p)] += (p.detach() * g).float().abs()
-                seen += 1
-    finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
-    if seen == 0:
-        raise CompactMLError("task.train gave no batch; importance='taylor' needs training data")
-    return table
+    sums = taylor_sums(model, task, params, batches)
+    return {id(p): total for p, total in zip(params, sums, strict=True)}
 
 
 def score_groups(

@@ -8,25 +8,8 @@ import torch
 
 import compactml as cml
 from compactml import examples
-from compactml.cli import main
 from compactml.export import ort
 from compactml.prune import sparsity
-
-
-def run_json(capsys, *args):
-    code = main([*args, "--json"])
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    return json.loads(captured.out)
-
-
-def expect_error(capsys, args, pattern):
-    code = main(list(args))
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    assert pattern in err, err
-    return err
 
 
 @pytest.fixture(autouse=True)
@@ -44,11 +27,11 @@ def digits():
     return examples.load("digits-cnn", progress=False)
 
 
-def test_magnitude_writes_a_sparse_artifact_onnx_and_a_report(capsys, tmp_path, digits):
+def test_magnitude_writes_a_sparse_artifact_onnx_and_a_report(cli, tmp_path, digits):
     model, task = digits
     out = tmp_path / "mag"
-    report = run_json(
-        capsys, "prune", "digits-cnn", "--method", "magnitude", "--sparsity", "0.5", "-o", str(out)
+    report = cli.json(
+        "prune", "digits-cnn", "--method", "magnitude", "--sparsity", "0.5", "-o", str(out)
     )
     for name in ("model.cml", "model.onnx", "report.json", "report.html", "report.md"):
         assert (out / name).is_file(), name
@@ -76,9 +59,9 @@ def test_magnitude_writes_a_sparse_artifact_onnx_and_a_report(capsys, tmp_path, 
     assert sparsity(model).total == 0.0
 
 
-def test_nm_keeps_two_of_every_four_weights(capsys, tmp_path):
+def test_nm_keeps_two_of_every_four_weights(cli, tmp_path):
     out = tmp_path / "nm"
-    report = run_json(capsys, "prune", "digits-cnn", "--method", "nm", "--no-onnx", "-o", str(out))
+    report = cli.json("prune", "digits-cnn", "--method", "nm", "--no-onnx", "-o", str(out))
     assert not (out / "model.onnx").exists()
     loaded = cml.load(out / "model.cml")
     weight = loaded.classifier.weight.detach()
@@ -92,10 +75,10 @@ def test_nm_keeps_two_of_every_four_weights(capsys, tmp_path):
     assert sparsity(loaded).layers["features.conv1"] == 0.0
 
 
-def test_iterative_schedule_fine_tunes_between_steps(capsys, tmp_path):
+def test_iterative_schedule_fine_tunes_between_steps(cli, tmp_path):
     out = tmp_path / "it"
     args = ["prune", "digits-cnn", "--method", "magnitude", "--sparsity", "0.8"]
-    report = run_json(capsys, *args, "--steps", "2", "--epochs", "1", "--no-onnx", "-o", str(out))
+    report = cli.json(*args, "--steps", "2", "--epochs", "1", "--no-onnx", "-o", str(out))
     measured = sparsity(cml.load(out / "model.cml"))
     assert all(abs(share - 0.8) < 0.02 for share in measured.layers.values()), measured.layers
     # one-shot 80% leaves digits-cnn near chance (about 13% top-1); fine-tuning between the
@@ -103,29 +86,29 @@ def test_iterative_schedule_fine_tunes_between_steps(capsys, tmp_path):
     assert report["metrics"]["top1"] >= 0.85
 
 
-def test_fine_tuning_after_one_shot_keeps_the_masks(capsys, tmp_path):
+def test_fine_tuning_after_one_shot_keeps_the_masks(cli, tmp_path):
     out = tmp_path / "ft"
     args = ["prune", "digits-cnn", "--method", "magnitude", "--sparsity", "0.7", "--epochs", "1"]
-    run_json(capsys, *args, "--no-onnx", "-o", str(out))
+    cli.json(*args, "--no-onnx", "-o", str(out))
     measured = sparsity(cml.load(out / "model.cml"))
     assert all(abs(share - 0.7) < 0.02 for share in measured.layers.values()), measured.layers
 
 
-def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path):
+def test_bad_input_is_one_line_and_writes_nothing(cli, tmp_path):
     out = tmp_path / "bad"
     base = ["prune", "digits-cnn", "-o", str(out), "--no-onnx"]
-    expect_error(capsys, [*base, "--method", "magnitude", "--sparsity", "1.5"], "[0, 1)")
-    expect_error(capsys, [*base, "--method", "magnitude"], "needs --sparsity")
-    expect_error(capsys, [*base, "--method", "taylor"], "needs --sparsity")
-    expect_error(capsys, [*base, "--method", "channels"], "needs --ratio")
-    expect_error(capsys, [*base, "--method", "lottery", "--sparsity", "0.5"], "unknown method")
-    expect_error(capsys, [*base, "--method", "nm", "--n", "4", "--m", "2"], "greater than m")
+    cli.error([*base, "--method", "magnitude", "--sparsity", "1.5"], "[0, 1)")
+    cli.error([*base, "--method", "magnitude"], "needs --sparsity")
+    cli.error([*base, "--method", "taylor"], "needs --sparsity")
+    cli.error([*base, "--method", "channels"], "needs --ratio")
+    cli.error([*base, "--method", "lottery", "--sparsity", "0.5"], "unknown method")
+    cli.error([*base, "--method", "nm", "--n", "4", "--m", "2"], "greater than m")
     assert not out.exists()
     # a method that finds nothing to prune is an error, not an unchanged artifact
-    expect_error(capsys, [*base, "--method", "heads", "--ratio", "0.5"], "pruned nothing")
+    cli.error([*base, "--method", "heads", "--ratio", "0.5"], "pruned nothing")
     args = [*base, "--method", "channels", "--ratio", "0.5", "--exclude", "features"]
-    expect_error(capsys, args, "classifier")
+    cli.error(args, "classifier")
     assert not out.exists()
     (tmp_path / "file").write_text("x")
     args = ["prune", "digits-cnn", "--method", "nm", "-o", str(tmp_path / "file")]
-    expect_error(capsys, args, "is a file")
+    cli.error(args, "is a file")

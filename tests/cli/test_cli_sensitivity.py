@@ -13,26 +13,10 @@ PNG = b"\x89PNG\r\n\x1a\n"
 LAYERS = ["features.conv1", "features.conv2", "features.conv3", "classifier"]
 
 
-def run_json(capsys, *args):
-    code = main([*args, "--json"])
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    return json.loads(captured.out)
-
-
-def expect_error(capsys, args, pattern):
-    code = main(list(args))
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    assert pattern in err, err
-    return err
-
-
-def test_magnitude_scan_writes_the_table_and_the_curves(capsys, tmp_path):
+def test_magnitude_scan_writes_the_table_and_the_curves(cli, tmp_path):
     out = tmp_path / "sens"
     args = ["sensitivity", "digits-cnn", "--method", "magnitude", "--levels", "0.5,0.9"]
-    report = run_json(capsys, *args, "-o", str(out), "--batches", "1")
+    report = cli.json(*args, "-o", str(out), "--batches", "1")
     data = report["sensitivity"]
     # the same numbers as the Python API on the same data
     model, task = examples.load("digits-cnn", progress=False)
@@ -59,10 +43,10 @@ def test_magnitude_scan_writes_the_table_and_the_curves(capsys, tmp_path):
     assert html.count("data:image/png;base64,") == 1 and "Sensitivity" in html
 
 
-def test_int_weight_scan_of_chosen_layers_by_bits(capsys, tmp_path):
+def test_int_weight_scan_of_chosen_layers_by_bits(cli, tmp_path):
     args = ["sensitivity", "digits-cnn", "--method", "int-weight", "--levels", "8,2"]
     args += ["--layers", "features.conv2,classifier", "--batches", "1", "-o", str(tmp_path)]
-    data = run_json(capsys, *args)["sensitivity"]
+    data = cli.json(*args)["sensitivity"]
     assert (data["technique"], data["level_name"], data["levels"]) == ("WeightOnly", "bits", [8, 2])
     assert {row["layer"] for row in data["rows"]} == {"features.conv2", "classifier"}
     at8 = [row["damage"] for row in data["rows"] if row["bits"] == 8]
@@ -70,10 +54,10 @@ def test_int_weight_scan_of_chosen_layers_by_bits(capsys, tmp_path):
     assert (tmp_path / "sensitivity.png").is_file()
 
 
-def test_nm_scan_varies_n_and_reports_layers_it_cannot_prune(capsys, tmp_path):
+def test_nm_scan_varies_n_and_reports_layers_it_cannot_prune(cli, tmp_path):
     args = ["sensitivity", "digits-cnn", "--method", "nm", "--levels", "1,3", "--m", "4"]
     args += ["--layers", "features.conv1,features.conv2", "--batches", "1", "-o", str(tmp_path)]
-    report = run_json(capsys, *args)
+    report = cli.json(*args)
     rows = report["sensitivity"]["rows"]
     assert report["sensitivity"]["level_name"] == "n"
     conv1 = [row for row in rows if row["layer"] == "features.conv1"]
@@ -93,28 +77,28 @@ def build():
 """
 
 
-def test_bad_input_is_one_line(capsys, tmp_path):
+def test_bad_input_is_one_line(cli, tmp_path):
     out = tmp_path / "bad"
     base = ["sensitivity", "digits-cnn", "-o", str(out), "--batches", "1"]
     magnitude = [*base, "--method", "magnitude"]
-    expect_error(capsys, magnitude, "needs levels")
-    expect_error(capsys, [*magnitude, "--levels", ""], "needs levels")
-    expect_error(capsys, [*magnitude, "--levels", "0.5,high"], "'high' is not a number")
-    expect_error(capsys, [*magnitude, "--levels", "0.5,,0.7"], "'' is not a number")
-    expect_error(capsys, [*magnitude, "--levels", "0.5,0.5"], "repeats a level")
-    expect_error(capsys, [*magnitude, "--levels", "0.5,1.5"], "sparsity 1.5")
-    expect_error(capsys, [*base, "--method", "int-weight", "--levels", "4,9"], "bits 9")
-    expect_error(capsys, [*base, "--method", "gptq", "--levels", "4"], "unknown method 'gptq'")
-    expect_error(capsys, [*magnitude, "--levels", "0.5", "--layers", "nope"], "'nope'")
-    expect_error(capsys, [*magnitude, "--levels", "0.5", "--measure", "vibes"], "measure")
+    cli.error(magnitude, "needs levels")
+    cli.error([*magnitude, "--levels", ""], "needs levels")
+    cli.error([*magnitude, "--levels", "0.5,high"], "'high' is not a number")
+    cli.error([*magnitude, "--levels", "0.5,,0.7"], "'' is not a number")
+    cli.error([*magnitude, "--levels", "0.5,0.5"], "repeats a level")
+    cli.error([*magnitude, "--levels", "0.5,1.5"], "sparsity 1.5")
+    cli.error([*base, "--method", "int-weight", "--levels", "4,9"], "bits 9")
+    cli.error([*base, "--method", "gptq", "--levels", "4"], "unknown method 'gptq'")
+    cli.error([*magnitude, "--levels", "0.5", "--layers", "nope"], "'nope'")
+    cli.error([*magnitude, "--levels", "0.5", "--measure", "vibes"], "measure")
     one = ["--method", "nm", "--levels", "2", "--layers", "features.conv1"]
     # --quiet: the finished progress bar is not part of the error
-    expect_error(capsys, [*base, *one, "--quiet"], "could not compress any layer")
+    cli.error([*base, *one, "--quiet"], "could not compress any layer")
     assert not out.exists()
     factory = tmp_path / "net.py"
     factory.write_text(FACTORY)
     args = ["sensitivity", f"{factory}:build", "--method", "magnitude", "--levels", "0.5"]
-    expect_error(capsys, [*args, "-o", str(out)], "no built-in task")
+    cli.error([*args, "-o", str(out)], "no built-in task")
 
 
 @pytest.mark.parametrize("method", ["magnitude", "int-weight"])
