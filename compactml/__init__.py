@@ -19,7 +19,9 @@ from compactml.prune import (
     Iterative,
     Magnitude,
     OneShot,
+    SparseGPT,
     Taylor,
+    Wanda,
     prune,
     sparsity,
 )
@@ -60,6 +62,7 @@ __all__ = [
     "QAT",
     "SensitivityTable",
     "SignatureError",
+    "SparseGPT",
     "Static",
     "Task",
     "Taylor",
@@ -80,6 +83,7 @@ __all__ = [
     "sign_artifact",
     "sparsity",
     "verify_artifact",
+    "Wanda",
     "WeightOnly",
     "write_keypair",
 ]

@@ -11,6 +11,7 @@ from typing import Any
 
 from compactml.config import Technique
 from compactml.errors import CompactMLError
+from compactml.prune.calibrated import SparseGPT, Wanda
 from compactml.prune.nm import NM
 from compactml.prune.structured import Channels, Heads
 from compactml.prune.unstructured import Magnitude, Taylor
@@ -32,6 +33,8 @@ TECHNIQUES: dict[str, type[Technique]] = {
     "magnitude": Magnitude,
     "taylor": Taylor,
     "nm": NM,
+    "sparsegpt": SparseGPT,
+    "wanda": Wanda,
     "channels": Channels,
     "heads": Heads,
 }

