@@ -3,16 +3,20 @@ and a report against the original."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from compactml.cli.app import OUT, TRUST_HELP, _example_input, _resolve, _save_report, app
 from compactml.errors import CompactMLError
 from compactml.report.build import new_report
+
+if TYPE_CHECKING:
+    from compactml.config import Technique
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,13 @@ def _onnx_notes(net, quantized, example, onnx_path: Path) -> list[str]:
 QUANTIZE = _Reporting("quantized", repeats=5, notes=_compare_notes, onnx_notes=_onnx_notes)
 
 
+def _quiet(config: Technique) -> Technique:
+    """``config`` with its progress bar shown only in human output (not with --json)."""
+    if "progress" in {f.name for f in dataclasses.fields(config)}:
+        return dataclasses.replace(config, progress=OUT.human)
+    return config
+
+
 @app.command("quantize")
 def quantize_cmd(
     model: str = typer.Argument(..., help="built-in name, .cml file, HF folder or file.py:fn"),
@@ -121,7 +132,7 @@ def quantize_cmd(
     from compactml.quantize import quantize
     from compactml.quantize.schemes import scheme_config
 
-    config = scheme_config(scheme, group_size=group_size, exclude=exclude)
+    config = _quiet(scheme_config(scheme, group_size=group_size, exclude=exclude))
     if out.exists() and not out.is_dir():
         raise CompactMLError(f"--out {out} is a file; give a folder for the outputs")
     net, task = _resolve(model, trust_factory)
@@ -187,7 +198,9 @@ def _check_pruned(pruned, method: str, model: str) -> None:
 @app.command("prune")
 def prune_cmd(
     model: str = typer.Argument(..., help="built-in name, .cml file, HF folder or file.py:fn"),
-    method: str = typer.Option(..., help="magnitude, taylor, nm, channels or heads"),
+    method: str = typer.Option(
+        ..., help="magnitude, taylor, nm, sparsegpt, wanda, channels or heads"
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="output folder for model.cml, model.onnx"),
     sparsity: float | None = typer.Option(None, help="share of weights to zero (unstructured)"),
     ratio: float | None = typer.Option(None, help="share of channels or heads to remove"),
@@ -212,7 +225,7 @@ def prune_cmd(
 
     options = dict(sparsity=sparsity, ratio=ratio, scope=scope, n=n, m=m, steps=steps)
     options |= dict(importance=importance, epochs=epochs, lr=lr, exclude=exclude)
-    config = method_config(method, **options)
+    config = _quiet(method_config(method, **options))
     if out.exists() and not out.is_dir():
         raise CompactMLError(f"--out {out} is a file; give a folder for the outputs")
     net, task = _resolve(model, trust_factory)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from compactml.config import Technique
 from compactml.errors import CompactMLError
 from compactml.quantize.dynamic import Dynamic
+from compactml.quantize.gptq import GPTQ
 from compactml.quantize.ptq import Static
 from compactml.quantize.qat import QAT
 from compactml.quantize.weight_only import Half, WeightOnly
@@ -41,6 +42,15 @@ SCHEMES: dict[str, tuple[SchemeFactory, str]] = {
             bits=2, group_size=o.get("group_size") or 16, clip="mse", **_common(o)
         ),
         "2-bit weights in groups of 16 with MSE clipping",
+    ),
+    "int4-gptq": (
+        lambda o: GPTQ(bits=4, group_size=o.get("group_size") or 64, **_common(o)),
+        "4-bit weights in groups of 64 chosen by GPTQ on task.calib, block by block (Linear "
+        "layers; MatMulNBits in ONNX Runtime)",
+    ),
+    "int3-gptq": (
+        lambda o: GPTQ(bits=3, group_size=o.get("group_size") or 64, **_common(o)),
+        "3-bit weights in groups of 64 chosen by GPTQ on task.calib (Linear layers)",
     ),
     "fp16": (lambda o: Half(dtype="float16", **_common(o)), "float16 weights"),
     "bf16": (lambda o: Half(dtype="bfloat16", **_common(o)), "bfloat16 weights"),

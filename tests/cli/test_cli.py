@@ -10,6 +10,7 @@ import torch
 
 from compactml import examples
 from compactml.cli import main
+from compactml.config import history
 from compactml.export.artifact import load, save
 
 FACTORY = """
@@ -257,3 +258,16 @@ def test_quantize_int8_static_keeps_accuracy(cli, tmp_path):
     )
     assert report["reference_metrics"]["top1"] - report["metrics"]["top1"] <= 0.005
     assert report["profile"]["stored_bytes"] < 0.36 * 64_400
+
+
+def test_quantize_int4_gptq_is_quiet_with_json(capsys, tmp_path):
+    code = main(["quantize", "digits-cnn", "--scheme", "int4-gptq", "-o", str(tmp_path), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads(captured.out)
+    assert "GPTQ" not in captured.err  # no progress bar in machine-readable mode
+    assert report["reference_metrics"]["top1"] - report["metrics"]["top1"] <= 0.01
+    model = load(tmp_path / "model.cml")
+    gptq = [h for h in history(model) if h["technique"] == "GPTQ"]
+    assert gptq and gptq[0]["changed"] and gptq[0]["params"]["bits"] == 4
+    assert all(type(model.get_submodule(n)).__name__ == "QuantLinear" for n in gptq[0]["changed"])
