@@ -23,17 +23,27 @@ class Recorder:
 
 
 def _inputs_in_forward(model: nn.Module, task: Task, names: list[str]) -> dict[str, list]:
-    """The input of each named module in plain forward passes over the calibration batches."""
+    """The input of each named module in plain forward passes over the calibration batches,
+    without the padding positions of batches that have an attention mask."""
     seen: dict[str, list] = {name: [] for name in names}
+    mask = None
+
+    def record(name: str, x: torch.Tensor) -> None:
+        if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+            x = x[mask.bool()]
+        seen[name].append(x.clone())
+
     handles = [
         model.get_submodule(name).register_forward_pre_hook(
-            lambda m, args, name=name: seen[name].append(args[0].clone())
+            lambda m, args, name=name: record(name, args[0])
         )
         for name in names
     ]
     with torch.no_grad():
         for batch in task.batches("calib"):
-            task.run(model, split_batch(batch)[0])
+            inputs = split_batch(batch)[0]
+            mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+            task.run(model, inputs)
     for handle in handles:
         handle.remove()
     return seen
