@@ -26,11 +26,13 @@ from compactml.prune import (
     sparsity,
 )
 from compactml.quantize import (
+    AWQ,
     GPTQ,
     QAT,
     Dynamic,
     Half,
     MixedPrecision,
+    SmoothQuant,
     Static,
     WeightOnly,
     quantize,
@@ -44,6 +46,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "TECHNIQUES",
+    "AWQ",
     "ArtifactError",
     "Channels",
     "CompactMLError",
@@ -62,6 +65,7 @@ __all__ = [
     "QAT",
     "SensitivityTable",
     "SignatureError",
+    "SmoothQuant",
     "SparseGPT",
     "Static",
     "Task",

@@ -15,11 +15,13 @@ from compactml.prune.calibrated import SparseGPT, Wanda
 from compactml.prune.nm import NM
 from compactml.prune.structured import Channels, Heads
 from compactml.prune.unstructured import Magnitude, Taylor
+from compactml.quantize.awq import AWQ
 from compactml.quantize.dynamic import Dynamic
 from compactml.quantize.gptq import GPTQ
 from compactml.quantize.mixed import MixedPrecision
 from compactml.quantize.ptq import Static
 from compactml.quantize.qat import QAT
+from compactml.quantize.smoothquant import SmoothQuant
 from compactml.quantize.weight_only import Half, WeightOnly
 
 TECHNIQUES: dict[str, type[Technique]] = {
@@ -30,6 +32,8 @@ TECHNIQUES: dict[str, type[Technique]] = {
     "dynamic": Dynamic,
     "static": Static,
     "gptq": GPTQ,
+    "awq": AWQ,
+    "smoothquant": SmoothQuant,
     "magnitude": Magnitude,
     "taylor": Taylor,
     "nm": NM,

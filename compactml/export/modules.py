@@ -146,6 +146,7 @@ MODULE_TYPES: dict[str, TorchLayer | SpecLayer] = {
     "QuantEmbedding": SpecLayer("compactml.quantize.modules:QuantEmbedding"),
     "DynamicQuantLinear": SpecLayer("compactml.quantize.dynamic:DynamicQuantLinear"),
     "QuantOutput": SpecLayer("compactml.quantize.modules:QuantOutput"),
+    "ScaledInput": SpecLayer("compactml.quantize.fold:ScaledInput"),
     # Containers are built empty; their children follow as transforms of their own.
     "Sequential": TorchLayer(nn.Sequential),
     "ModuleList": TorchLayer(nn.ModuleList),

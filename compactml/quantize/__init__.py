@@ -15,6 +15,7 @@ from compactml.config import Technique
 from compactml.errors import CompactMLError
 from compactml.quantize.act import ActQuant
 from compactml.quantize.affine import FloatScheme, PerChannel, PerGroup, PerTensor, QScheme
+from compactml.quantize.awq import AWQ, awq_search
 from compactml.quantize.dynamic import Dynamic, DynamicQuantLinear
 from compactml.quantize.gptq import GPTQ, gptq_quantize
 from compactml.quantize.mixed import MixedPrecision
@@ -22,10 +23,12 @@ from compactml.quantize.modules import QuantConv2d, QuantEmbedding, QuantLinear,
 from compactml.quantize.ptq import Static
 from compactml.quantize.qat import QAT, fold_batchnorm
 from compactml.quantize.qweight import QWeight
+from compactml.quantize.smoothquant import SmoothQuant, smooth_scales
 from compactml.quantize.weight_only import Half, WeightOnly
 from compactml.task import Task
 
 __all__ = [
+    "AWQ",
     "QAT",
     "ActQuant",
     "Dynamic",
@@ -43,11 +46,14 @@ __all__ = [
     "QuantEmbedding",
     "QuantLinear",
     "QuantOutput",
+    "SmoothQuant",
     "Static",
     "WeightOnly",
+    "awq_search",
     "fold_batchnorm",
     "gptq_quantize",
     "quantize",
+    "smooth_scales",
 ]
 
 

@@ -1,4 +1,4 @@
-"""AWQ's scale search as a pure function (Lin et al. 2023, "AWQ: Activation-aware Weight
+"""AWQ: activation-aware weight quantization (Lin et al. 2023, "AWQ: Activation-aware Weight
 Quantization for LLM Compression and Acceleration").
 
 A few input channels carry much larger activations than the rest, and the weights that read
@@ -10,18 +10,52 @@ max and min is 1), with ``alpha`` chosen on a grid in ``[0, 1)`` to minimize the
 the quantized layer on calibration inputs; ``alpha = 0`` is plain round-to-nearest, so the
 search never does worse than RTN on the data it sees.
 
-Where the scales are folded (a preceding LayerNorm or Linear, or an explicit scale) is the
-caller's business; this module only chooses them.
+:func:`awq_search` is the math. :class:`AWQ` is the config, on the block runner
+(:func:`compactml.calib.capture.run_blockwise`), as in the reference implementation
+(github.com/mit-han-lab/llm-awq): per block, the selected Linear layers are grouped by the tensor
+they read (:func:`compactml.quantize.fold.input_groups`: q/k/v share the attention norm's output,
+gate/up the MLP norm's), one ``alpha`` is searched per group over the group's weights stacked
+row-wise (they must share one ``s``), the scales are folded into the producer of the input
+(a norm or a Linear) or kept as an explicit scale
+(:func:`compactml.quantize.fold.fold_input_scale`), and the scaled weights are rounded to
+nearest into the same ``QuantLinear`` that ``WeightOnly`` makes.
+
+The inputs of a group are summarized over every calibration token by their per-channel mean
+``|x|`` (the scale statistic) and, for the error the search minimizes, a uniform random sample
+of at most :data:`SAMPLE_TOKENS` tokens (seeded, so a run is reproducible), so memory stays
+bounded whatever the calibration set. Two differences from the reference: it also searches a
+per-group weight clipping after scaling, and it folds the scales of ``o_proj`` into ``v_proj``
+and of ``down_proj`` into ``up_proj`` (through the attention and the gated product, which are
+linear in those inputs); here scales fold only into the module that produced the tensor itself,
+and ``o_proj``/``down_proj`` keep an explicit scale (one ``Mul`` before the layer).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
+from compactml.calib.capture import Block, collect, run_blockwise
+from compactml.calib.stats import ChannelStats
+from compactml.config import Technique, record
 from compactml.errors import CompactMLError
+from compactml.quantize import affine
 from compactml.quantize.affine import QScheme, choose_qparams, fake_quantize
+from compactml.quantize.fold import (
+    InputGroup,
+    fold_input_scale,
+    input_groups,
+    linear_name,
+)
+from compactml.quantize.modules import QuantLinear
+from compactml.quantize.swap import set_layer, warn_skipped
+from compactml.task import Task
+
+SAMPLE_TOKENS = 4096  # input tokens per group kept for the search's error
 
 
 @dataclass(frozen=True)
@@ -45,11 +79,16 @@ def quantized_with_scales(
 
 
 def awq_search(
-    weight: torch.Tensor, inputs: torch.Tensor, scheme: QScheme, grid: int = 20
+    weight: torch.Tensor,
+    inputs: torch.Tensor,
+    scheme: QScheme,
+    grid: int = 20,
+    mean_abs: torch.Tensor | None = None,
 ) -> AWQScales:
     """Choose AWQ scales for a linear ``weight`` (``[out, in]``) from calibration ``inputs``
     (``[tokens, in]``) under quantization ``scheme``, trying ``alpha = i / grid`` for
-    ``i = 0 .. grid - 1``."""
+    ``i = 0 .. grid - 1``. ``mean_abs`` is the per-channel mean ``|x|`` the scales are built
+    from (default: over ``inputs``; pass it when ``inputs`` is a sample of more tokens)."""
     if weight.dim() != 2 or inputs.dim() != 2 or inputs.shape[1] != weight.shape[1]:
         raise CompactMLError(
             f"AWQ needs a [out, in] weight and [tokens, in] inputs, got {tuple(weight.shape)} "
@@ -60,17 +99,207 @@ def awq_search(
     w, x = weight.detach().float(), inputs.detach().float()
     reference = x @ w.T
     norm = float(reference.pow(2).sum()) or 1.0
-    mean_abs = x.abs().mean(dim=0).clamp(min=1e-4)
+    if mean_abs is None:
+        mean_abs = x.abs().mean(dim=0)
+    elif tuple(mean_abs.shape) != (w.shape[1],):
+        raise CompactMLError(
+            f"mean_abs must hold one value per input channel ({w.shape[1]}), got "
+            f"{tuple(mean_abs.shape)}"
+        )
+    mean_abs = mean_abs.detach().float().to(x.device).clamp(min=1e-4)
     best: AWQScales | None = None
     rtn = 0.0
     for i in range(grid):
         alpha = i / grid
         s = mean_abs**alpha
         s = s / (s.max() * s.min()).sqrt()
-        error = float((x @ quantized_with_scales(w, s, scheme).T - reference).pow(2).sum()) / norm
+        try:
+            quantized = quantized_with_scales(w, s, scheme)
+        except CompactMLError:  # scales too large for float16: not a candidate
+            if i == 0:
+                raise
+            continue
+        error = float((x @ quantized.T - reference).pow(2).sum()) / norm
         if i == 0:
             rtn = error
         if best is None or error < best.error:
             best = AWQScales(s, alpha, error, rtn)
     assert best is not None
     return AWQScales(best.scales, best.alpha, best.error, rtn)
+
+
+class TokenSample(ChannelStats):
+    """:class:`~compactml.calib.stats.ChannelStats` over every token, plus a uniform random
+    sample of at most ``limit`` of the tokens (each token gets a seeded random key and the
+    ``limit`` smallest keys are kept), so memory is bounded by ``limit`` rows."""
+
+    def __init__(self, columns: int, limit: int = SAMPLE_TOKENS, seed: int = 0) -> None:
+        super().__init__(columns)
+        self.limit = int(limit)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.rows = torch.zeros(0, self.columns)
+        self.keys = torch.zeros(0)
+
+    def _add(self, rows: torch.Tensor) -> None:
+        super()._add(rows)
+        keys = torch.rand(rows.shape[0], generator=self.generator).to(rows.device)
+        self.rows = torch.cat([self.rows.to(rows.device), rows])
+        self.keys = torch.cat([self.keys.to(rows.device), keys])
+        if len(self.keys) > self.limit:
+            keep = self.keys.topk(self.limit, largest=False).indices
+            self.rows, self.keys = self.rows[keep], self.keys[keep]
+
+    def sample(self) -> torch.Tensor:
+        """The sampled tokens, ``(min(tokens, limit), columns)``."""
+        return self.rows
+
+
+@dataclasses.dataclass(frozen=True)
+class AWQ(Technique):
+    """Activation-aware weight quantization of ``nn.Linear`` layers (Lin et al. 2023),
+    calibrated block by block on ``task.calib``; activations stay float.
+
+    Args:
+        bits: 2 to 8 bits per weight.
+        group_size: weights per scale along each row (16, 32, 64, 128 or 256); None gives one
+            scale per output channel.
+        symmetric: zero point fixed at the middle code; False stores a uint8 zero per scale.
+        grid: exponents ``alpha = i / grid`` tried per group of layers (``alpha = 0`` is
+            round-to-nearest, so on the calibration sample a group never does worse than it).
+        calib_batches: batches of ``task.calib`` to use (None: all of them).
+        progress: show a progress bar over the blocks.
+        include, exclude: fnmatch patterns on module names.
+
+    Layers reading one tensor share their scales; where those fold is recorded per group
+    (``"norm"``, ``"linear"``, or ``"explicit"``: the layer is wrapped in a
+    :class:`~compactml.quantize.fold.ScaledInput`, which ``.cml`` files and ONNX export keep).
+    The quantized layers are the ``QuantLinear`` that ``WeightOnly`` makes (``MatMulNBits`` in
+    ONNX). A group whose calibration inputs were empty or held NaN/Inf, and a layer whose group
+    size does not divide its width, stay in float, named in a warning and in the history.
+    """
+
+    family = "quantize"
+    level = "bits"
+    bits: int = 4
+    group_size: int | None = 64
+    symmetric: bool = True
+    grid: int = 20
+    calib_batches: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        affine.weight_granularity(self.group_size)  # validates group_size
+        for name in ("symmetric", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise CompactMLError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("grid", "calib_batches"):
+            value = getattr(self, name)
+            if value is None and name == "calib_batches":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise CompactMLError(f"{name} must be a positive integer, got {value!r}")
+        self.scheme()  # validates bits
+
+    def scheme(self) -> QScheme:
+        """The :class:`QScheme` the codes are written in."""
+        return QScheme(self.bits, self.symmetric, affine.weight_granularity(self.group_size))
+
+    def _layers(self, model: nn.Module) -> tuple[dict[str, nn.Linear], dict[str, str]]:
+        """The selected Linear layers AWQ can quantize, and the others with the reason."""
+        if not any(type(m) is nn.Linear for m in model.modules()):
+            raise CompactMLError(
+                f"the model ({type(model).__name__}) has no nn.Linear layer; AWQ quantizes "
+                "Linear layers (use WeightOnly for Conv2d and Embedding layers)"
+            )
+        chosen = dict(self.targets(model, (nn.Linear,)))
+        if not chosen:
+            raise CompactMLError(
+                f"AWQ found no Linear layer selected by include={list(self.include)} "
+                f"exclude={list(self.exclude)}; check the patterns against the model's module names"
+            )
+        layers, skipped = {}, {}
+        for name, layer in chosen.items():
+            try:
+                affine.param_shape(tuple(layer.weight.shape), self.scheme().granularity)
+            except CompactMLError as exc:
+                skipped[name] = str(exc)
+                continue
+            if not bool(torch.isfinite(layer.weight).all()):
+                skipped[name] = "the weight has NaN or Inf values"
+                continue
+            layers[name] = layer
+        if not layers:
+            name, reason = next(iter(skipped.items()))
+            raise CompactMLError(f"no selected layer can be quantized; {name or 'model'}: {reason}")
+        return layers, skipped
+
+    def search(self, weights: list[torch.Tensor], sample: TokenSample) -> AWQScales:
+        """The scales of one group of layers (their ``weights``) from their input ``sample``;
+        raises CompactMLError when the statistics or the result are unusable."""
+        problem = sample.problem()
+        if problem:
+            raise CompactMLError(problem)
+        found = awq_search(
+            torch.cat([w.detach() for w in weights]),
+            sample.sample(),
+            self.scheme(),
+            self.grid,
+            sample.mean_abs(),
+        )
+        if not (bool(torch.isfinite(found.scales).all()) and math.isfinite(found.error)):
+            raise CompactMLError("the AWQ scale search produced non-finite values")
+        return found
+
+    def apply(self, model: nn.Module, task: Task | None = None) -> nn.Module:
+        """A copy of ``model`` whose selected Linear layers are AWQ-scaled and quantized."""
+        new = self.copy_model(model)
+        layers, skipped = self._layers(new)
+        changed: list[str] = []
+        groups: list[dict] = []
+        root: dict[str, nn.Module] = {}  # a bare Linear model's replacement
+
+        def step(block: Block) -> None:
+            mine = {name: m for name, m in block.named_modules() if name in layers}
+            if not mine:
+                return
+            found = input_groups(new, mine, block.forward)
+            firsts = {g.layers[0]: mine[g.layers[0]] for g in found}
+            samples = collect(block, firsts, lambda m: TokenSample(m.in_features))
+            for group in found:
+                weights = [mine[name].weight for name in group.layers]
+                try:
+                    scales = self.search(weights, samples[group.layers[0]])
+                except CompactMLError as exc:
+                    skipped.update(dict.fromkeys(group.layers, str(exc)))
+                    continue
+                if group.layers == ("",):  # fold inside a holder, then take the layer out
+                    holder = nn.ModuleDict({"model": new})
+                    self._quantize_group(holder, InputGroup(("model",), None, "explicit"), scales)
+                    root[""] = holder["model"]
+                else:
+                    self._quantize_group(new, group, scales)
+                changed.extend(group.layers)
+                groups.append(
+                    {"layers": list(group.layers), "kind": group.kind, "producer": group.producer}
+                    | {"alpha": scales.alpha, "error": scales.error, "rtn": scales.rtn}
+                )
+
+        info = run_blockwise(new, task, step, self.calib_batches, self.progress, "AWQ")
+        if not changed:
+            name, reason = next(iter(skipped.items()))
+            raise CompactMLError(f"AWQ could not quantize any layer; {name or 'model'}: {reason}")
+        if root:
+            new = set_layer(new, "", root[""])
+        warn_skipped(self, skipped)
+        record(new, self, changed, skipped, details={"awq": info | {"groups": groups}})
+        return new
+
+    def _quantize_group(self, model: nn.Module, group: InputGroup, scales: AWQScales) -> None:
+        """Fold the group's scales into ``model`` (nothing to fold when ``alpha`` is 0: plain
+        round-to-nearest) and swap its layers for QuantLinear."""
+        if scales.alpha > 0:
+            fold_input_scale(model, group, scales.scales)
+        for name in group.layers:
+            at = linear_name(model, name)
+            set_layer(model, at, QuantLinear.from_float(model.get_submodule(at), self.scheme()))

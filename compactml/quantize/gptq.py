@@ -219,11 +219,7 @@ def gptq_quantize(
 
 def _quant_linear(layer: nn.Linear, q: QWeight) -> QuantLinear:
     """A QuantLinear holding ``q`` and a copy of ``layer``'s bias."""
-    new = QuantLinear(layer.in_features, layer.out_features, layer.bias is not None, q.scheme)
-    new._store(q)
-    if layer.bias is not None:
-        new.bias = nn.Parameter(layer.bias.detach().clone(), layer.bias.requires_grad)
-    return new
+    return QuantLinear.from_qweight(q, layer.bias)
 
 
 @dataclasses.dataclass(frozen=True)

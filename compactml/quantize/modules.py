@@ -156,9 +156,19 @@ class QuantLinear(QuantWeightMixin, nn.Module):
     @classmethod
     def from_float(cls, module: nn.Linear, scheme: Scheme, clip: str = "none") -> QuantLinear:
         """Quantize ``module``'s weight (the module itself is not changed)."""
-        layer = cls(module.in_features, module.out_features, module.bias is not None, scheme)
-        layer._store(QWeight.from_float(module.weight, scheme, clip))
-        layer.bias = _bias_from(module)
+        return cls.from_qweight(QWeight.from_float(module.weight, scheme, clip), module.bias)
+
+    @classmethod
+    def from_qweight(cls, q: QWeight, bias: torch.Tensor | None = None) -> QuantLinear:
+        """A layer holding ``q`` (an ``(out, in)`` weight chosen elsewhere, e.g. by GPTQ) and a
+        copy of ``bias``."""
+        if len(q.shape) != 2:
+            raise CompactMLError(f"a QuantLinear needs a 2-D weight, got shape {q.shape}")
+        out_features, in_features = q.shape
+        layer = cls(in_features, out_features, bias is not None, q.scheme)
+        layer._store(q)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().clone(), bias.requires_grad)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
