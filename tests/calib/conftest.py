@@ -41,6 +41,34 @@ class Stack(nn.Module):
         return self.head(h)
 
 
+class MLPBlock(nn.Module):
+    """A residual two-layer MLP: ``x + fc2(relu(fc1(x)))``."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class MLPNet(nn.Module):
+    """MLPBlocks in a ModuleList and a head; ``side`` (optional) feeds ``side_fc`` only, a
+    layer outside the blocks that sees other data."""
+
+    def __init__(self, width: int = 32, depth: int = 2) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(MLPBlock(width) for _ in range(depth))
+        self.side_fc = nn.Linear(width, 8)
+        self.head = nn.Linear(width, 8)
+
+    def forward(self, x: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        out = self.head(x)
+        return out if side is None else out + self.side_fc(side)
+
+
 def stack_task(batches: int = 3, features: int = 8, seed: int = 0) -> Task:
     """Calibration batches ``{"x": (4, 6, features), "mask": (4, 6, 1)}`` with correlated
     features and a few masked positions."""

@@ -19,35 +19,11 @@ from compactml.source import load_factory
 from compactml.task import Task, primary_output, split_batch
 from compactml.techniques import technique_from_dict, technique_name
 
+from ..calib.conftest import MLPNet as Net
 from ..calib.conftest import tiny_bert, tiny_llama, token_task
 
 PATTERNS = [{"sparsity": 0.5}, {"n": 2, "m": 4}]
 PATTERN_IDS = ["50%", "2:4"]
-
-
-class Block(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.fc2(torch.relu(self.fc1(x)))
-
-
-class Net(nn.Module):
-    """Residual MLP blocks and a head; ``side`` (optional) feeds ``side_fc`` only."""
-
-    def __init__(self, width: int = 32, depth: int = 2) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(Block(width) for _ in range(depth))
-        self.side_fc = nn.Linear(width, 8)
-        self.head = nn.Linear(width, 8)
-
-    def forward(self, x: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        out = self.head(x)
-        return out if side is None else out + self.side_fc(side)
 
 
 def _net(seed: int = 0) -> Net:

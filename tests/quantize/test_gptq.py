@@ -18,6 +18,8 @@ from compactml.quantize.gptq import GPTQ, gptq_quantize
 from compactml.quantize.qweight import QWeight
 from compactml.task import Task
 
+from ..calib.conftest import MLPNet as Net
+
 SCHEMES = [
     QScheme(4, True, PerGroup(32)),
     QScheme(3, False, PerGroup(16)),
@@ -145,31 +147,6 @@ def test_damping_is_raised_until_the_factorization_succeeds():
 
 
 # ---------------------------------------------------------------- the config, end to end
-
-
-class Block(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.fc2(torch.relu(self.fc1(x)))
-
-
-class Net(nn.Module):
-    """Two inputs: ``x`` through the blocks and the head, ``side`` through ``side_fc`` only."""
-
-    def __init__(self, width: int = 32, depth: int = 2) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(Block(width) for _ in range(depth))
-        self.side_fc = nn.Linear(width, 8)
-        self.head = nn.Linear(width, 8)
-
-    def forward(self, x: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        out = self.head(x)
-        return out if side is None else out + self.side_fc(side)
 
 
 def _net_task(batches: int = 4, width: int = 32) -> Task:
