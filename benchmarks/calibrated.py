@@ -2,12 +2,12 @@
 Wanda against their data-free baselines on minilm and tiny-llama, all in one process.
 
 For each model (minilm: cosine fidelity to the fp32 model and retrieval MRR on the docstring
-task; tiny-llama: perplexity on held-out stdlib modules), every Linear layer inside the repeated
-blocks is compressed (embeddings, the pooler and the LM head stay float, as in the papers), with
-the task's 128 calibration sequences:
+task; tiny-llama: perplexity on held-out stdlib modules), every nn.Linear layer is compressed,
+tiny-llama's LM head included (a fifth of its weights; the papers often keep it in 16 bits),
+embeddings and norms stay float, with the task's 128 calibration sequences:
 
 1. weight-only 4 and 3 bits at group 64 and 128: round-to-nearest (``WeightOnly``), ``GPTQ``
-   (and GPTQ with ``act_order``), ``AWQ``;
+   (and GPTQ with ``act_order`` at group 64), ``AWQ``;
 2. 50% unstructured and 2:4 sparsity: magnitude (``Magnitude`` per layer / ``NM``), ``Wanda``,
    ``SparseGPT``;
 3. W8A8: plain ``Static`` INT8 against ``SmoothQuant`` (alpha 0.5) then static INT8.
@@ -36,7 +36,6 @@ from common import RESULTS_DIR, machine_info, write_results
 from torch import nn
 
 import compactml as cml
-from compactml.calib import find_blocks
 from compactml.config import Technique
 from compactml.examples import minilm, tiny_llama
 from compactml.task import Task
@@ -45,12 +44,9 @@ OUT = RESULTS_DIR / "calibrated.json"
 BITS, GROUPS = (4, 3), (64, 128)
 
 
-def block_linears(model: nn.Module) -> tuple[str, ...]:
-    """Names of the nn.Linear layers inside the model's repeated blocks."""
-    names = []
-    for prefix, block in find_blocks(model):
-        names += [f"{prefix}.{n}" for n, m in block.named_modules() if type(m) is nn.Linear]
-    return tuple(names)
+def linears(model: nn.Module) -> tuple[str, ...]:
+    """Names of every nn.Linear layer of the model (the LM head included)."""
+    return tuple(n for n, m in model.named_modules() if type(m) is nn.Linear)
 
 
 def configs(layers: tuple[str, ...]) -> dict[str, dict[str, Technique]]:
@@ -64,9 +60,10 @@ def configs(layers: tuple[str, ...]) -> dict[str, dict[str, Technique]]:
             weight_only[f"{key}_gptq"] = cml.GPTQ(
                 bits=bits, group_size=group, progress=False, **only
             )
-            weight_only[f"{key}_gptq_act_order"] = cml.GPTQ(
-                bits=bits, group_size=group, act_order=True, progress=False, **only
-            )
+            if group == GROUPS[0]:
+                weight_only[f"{key}_gptq_act_order"] = cml.GPTQ(
+                    bits=bits, group_size=group, act_order=True, progress=False, **only
+                )
             if hasattr(cml, "AWQ"):
                 weight_only[f"{key}_awq"] = cml.AWQ(
                     bits=bits, group_size=group, progress=False, **only
@@ -81,9 +78,9 @@ def configs(layers: tuple[str, ...]) -> dict[str, dict[str, Technique]]:
     if hasattr(cml, "SparseGPT"):
         sparse["50%_sparsegpt"] = cml.SparseGPT(sparsity=0.5, progress=False, **only)
         sparse["2:4_sparsegpt"] = cml.SparseGPT(n=2, m=4, progress=False, **only)
-    w8a8: dict[str, Technique] = {"static": cml.Static(**only)}
+    w8a8: dict[str, Technique] = {"static": cml.Static(progress=False, **only)}
     if hasattr(cml, "SmoothQuant"):
-        w8a8["smoothquant_0.5"] = cml.SmoothQuant(alpha=0.5, **only)
+        w8a8["smoothquant_0.5"] = cml.SmoothQuant(alpha=0.5, progress=False, **only)
     return {"weight_only": weight_only, "sparse": sparse, "w8a8": w8a8}
 
 
@@ -107,8 +104,8 @@ def run_model(
 ) -> dict[str, Any]:
     """Every variant of :func:`configs` on ``model``; the rows, by section."""
     base = quality(model)
-    layers = block_linears(model)
-    print(f"{name}: fp32 {base}; {len(layers)} block Linear layers", flush=True)
+    layers = linears(model)
+    print(f"{name}: fp32 {base}; {len(layers)} Linear layers", flush=True)
     rows: dict[str, Any] = {"fp32": base, "layers": len(layers)}
     for section, variants in configs(layers).items():
         rows[section] = {}

@@ -164,7 +164,8 @@ def _norm_like(module: nn.Module) -> bool:
 
 def _scales_channels(module: nn.Module, call: tuple[tuple, dict] | None) -> bool:
     """Whether multiplying the norm's weight (and bias) by a positive vector ``r`` multiplies
-    its output by ``r`` on the recorded input: what folding ``1 / s`` into it relies on."""
+    its output by ``r`` on the recorded input: what folding ``1 / s`` into it relies on. An
+    input that makes the output non-finite shows nothing, so the answer is then False."""
     if call is None:
         return False
     args, kwargs = call
@@ -184,8 +185,12 @@ def _scales_channels(module: nn.Module, call: tuple[tuple, dict] | None) -> bool
                 module.bias = bias
     if not isinstance(out, torch.Tensor) or not isinstance(scaled, torch.Tensor):
         return False
+    if scaled.shape != out.shape:
+        return False
     want = out.float() * r.float()
-    return scaled.shape == out.shape and torch.allclose(
+    if not bool(torch.isfinite(want).all() and torch.isfinite(scaled).all()):
+        return False  # NaN/Inf outputs prove nothing: not foldable
+    return torch.allclose(
         scaled.float(), want, rtol=1e-3, atol=1e-5 * float(want.abs().max().clamp(min=1.0))
     )
 

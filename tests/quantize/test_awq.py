@@ -11,9 +11,10 @@ from torch import nn
 from compactml.config import history
 from compactml.errors import CompactMLError
 from compactml.export.artifact import load, save
-from compactml.quantize import QuantLinear, WeightOnly
-from compactml.quantize.affine import PerGroup, QScheme, choose_qparams, fake_quantize
+from compactml.quantize import QuantLinear, WeightOnly, affine
+from compactml.quantize.affine import PerChannel, PerGroup, QScheme, choose_qparams, fake_quantize
 from compactml.quantize.awq import AWQ, TokenSample, awq_search, quantized_with_scales
+from compactml.quantize.clip import mse_clip
 from compactml.quantize.fold import ScaledInput, linear_name
 from compactml.source import load_factory
 from compactml.task import Task
@@ -34,9 +35,9 @@ def test_alpha_zero_is_round_to_nearest():
     w, _ = _salient_layer()
     scale, zero = choose_qparams(w, SCHEME)
     ones = torch.ones(128)
-    assert torch.allclose(
-        quantized_with_scales(w, ones, SCHEME), fake_quantize(w, scale, zero, SCHEME)
-    )
+    quantized, qscale, qzero = quantized_with_scales(w, ones, SCHEME)
+    assert torch.allclose(quantized, fake_quantize(w, scale, zero, SCHEME))
+    assert torch.equal(qscale, scale) and qzero is None
 
 
 def test_scales_protect_salient_channels_and_beat_rtn():
@@ -68,6 +69,92 @@ def test_scales_too_large_for_float16_are_not_candidates():
     largest = largest / (largest.max() * largest.min()).sqrt()
     with pytest.raises(CompactMLError, match="float16 scales"):
         choose_qparams(w * largest.reshape(1, -1), SCHEME)
+
+
+def _outlier_layer(seed: int = 3):
+    """A layer with a few outlier weights (reading ordinary inputs) that stretch their groups'
+    ranges, and inputs with a few loud channels."""
+    w, x = _salient_layer(seed)
+    w[::4, 40] = 12.0
+    return w, x
+
+
+def _output_error(w, x, found, scheme=SCHEME):
+    """The relative output error of the layer quantized as ``found`` says, computed directly."""
+    s = found.scales.reshape(1, -1)
+    q = fake_quantize(w * s, found.qscale, found.qzero, scheme) / s
+    return float((x @ (q - w).T).pow(2).sum() / (x @ w.T).pow(2).sum())
+
+
+@pytest.mark.parametrize(
+    "scheme, bound",
+    [
+        (SCHEME, 0.75),
+        (QScheme(4, False, PerGroup(32)), 0.96),  # the zero point already absorbs some of it
+        (QScheme(4, True, PerChannel(0)), 0.8),
+    ],
+    ids=str,
+)
+def test_clipping_lowers_the_output_error_of_a_layer_with_outlier_weights(scheme, bound):
+    w, x = _outlier_layer()
+    plain, clipped = awq_search(w, x, scheme, clip=False), awq_search(w, x, scheme)
+    assert clipped.alpha == plain.alpha and torch.equal(clipped.scales, plain.scales)
+    assert clipped.error < bound * plain.error and clipped.rtn == plain.rtn
+    assert _output_error(w, x, plain, scheme) == pytest.approx(plain.error, rel=1e-3)
+    assert _output_error(w, x, clipped, scheme) == pytest.approx(clipped.error, rel=1e-3)
+    unclipped, _ = choose_qparams(w * plain.scales.reshape(1, -1), scheme)
+    assert torch.equal(plain.qscale, unclipped)
+    assert (clipped.qscale <= unclipped).all() and (clipped.qscale < unclipped).any()
+
+
+def _block_output_errors(w, x, scale, zero, scheme):
+    d = affine.dequantize(affine.quantize(w, scale, zero, scheme), scale, zero, scheme) - w
+    return (x @ d.T).pow(2).sum(dim=0)  # one row, one block per row: per block
+
+
+def test_output_clipping_weighs_each_weight_by_its_input():
+    gen = torch.Generator().manual_seed(4)
+    scheme = QScheme(4, True, PerGroup(32))
+    w = torch.randn(16, 32, generator=gen)
+    w[:, 0] = 8.0  # every row's range is set by the weight of column 0
+    x = torch.randn(1024, 32, generator=gen)
+    assert torch.equal(
+        mse_clip(w, scheme, 20, gram=torch.eye(32)[None])[0], mse_clip(w, scheme, 20)[0]
+    )
+    plain = mse_clip(w, scheme, 20)
+    scales = {}
+    for name, loudness in (("loud", 20.0), ("quiet", 0.01)):
+        xi = x.clone()
+        xi[:, 0] *= loudness
+        found = mse_clip(w, scheme, 20, gram=(xi.T @ xi)[None])
+        scales[name] = found[0]
+        assert (
+            _block_output_errors(w, xi, *found, scheme)
+            <= _block_output_errors(w, xi, *plain, scheme) * (1 + 1e-5)
+        ).all()
+    # a weight reading a loud input keeps its range; one reading a quiet input is clipped hard
+    assert (scales["quiet"] <= plain[0]).all() and (plain[0] <= scales["loud"]).all()
+    assert (
+        float(scales["quiet"].sum())
+        < 0.8 * float(plain[0].sum())
+        < 0.8 * float(scales["loud"].sum())
+    )
+    with pytest.raises(
+        CompactMLError, match=r"must be \(column blocks, size, size\) \(1, 32, 32\)"
+    ):
+        mse_clip(w, scheme, gram=torch.eye(16)[None])
+
+
+def test_clipping_never_writes_nan_on_zero_weights_and_silent_inputs():
+    w, x = _outlier_layer()
+    w[:8] = 0.0  # all-zero rows: zero-width ranges
+    x[:, 64:96] = 0.0  # a group of columns that never sees input: a zero Gram block
+    found = awq_search(w, x, SCHEME)
+    assert torch.isfinite(found.scales).all() and torch.isfinite(found.qscale).all()
+    s = found.scales.reshape(1, -1)
+    q = fake_quantize(w * s, found.qscale, found.qzero, SCHEME) / s
+    assert torch.isfinite(q).all() and (q[:8] == 0).all()
+    assert found.error <= found.rtn
 
 
 def test_bad_shapes_are_refused():
@@ -148,6 +235,8 @@ def test_awq_model_saves_and_loads_bit_exactly(llama, tmp_path):
     ids = task.calib[0]["input_ids"]
     with torch.no_grad():
         assert torch.equal(loaded(ids), quantized(ids))
+    plain = AWQ(bits=4, group_size=32, clip=False, progress=False).apply(llama, task)
+    assert _error(llama, quantized, task) < _error(llama, plain, task)  # the clipping is there
 
 
 def test_awq_model_exports_to_onnx_matmul_nbits(llama, tmp_path):
@@ -271,6 +360,7 @@ def test_bad_input_is_a_clear_error_and_the_model_is_untouched(config, task, mat
         ({"grid": 0}, "grid must be"),
         ({"calib_batches": 0}, "calib_batches must be"),
         ({"symmetric": 1}, "symmetric must be"),
+        ({"clip": "output"}, "clip must be true or false"),
     ],
 )
 def test_config_validation(kwargs, match):

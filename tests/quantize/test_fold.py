@@ -204,6 +204,15 @@ def test_linear_and_norm_producers_fold_only_when_safe():
     assert type(model.fc1) is nn.Linear and type(model.fc4) is nn.Linear
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_norm_whose_traced_input_is_not_finite_is_not_folded_into(bad):
+    model, x = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8)).eval(), torch.randn(2, 5, 8)
+    layers = {"1": model[1]}
+    assert input_groups(model, layers, lambda: model(x)) == [InputGroup(("1",), "0", "norm")]
+    x[0, 0, 0] = bad  # the numerical check cannot tell anything from a NaN output
+    assert input_groups(model, layers, lambda: model(x)) == [InputGroup(("1",), None, "explicit")]
+
+
 def test_a_producer_that_is_itself_scaled_or_feeds_an_unselected_layer_is_not_folded_into():
     model, x = _Mixed().eval(), torch.randn(2, 5, 8)
     groups = _mixed_groups(model, ["fc1", "fc2", "fc3"], x)
