@@ -115,7 +115,7 @@ def run_model(
             row = quality(out)
             row.update(wall_s=round(wall, 2), cpu_s=round(cpu, 2))
             if config.family == "prune":
-                row["sparsity"] = float(cml.sparsity(out))
+                row["sparsity"] = cml.sparsity(out).total
             rows[section][key] = row
             print(f"  {section} {key}: {row}", flush=True)
             del out

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from compactml.calib.capture import Block, collect, run_blockwise
+from compactml.calib.layers import select_linears
 from compactml.calib.stats import ChannelStats, HessianStats
 from compactml.config import Technique, record
 from compactml.errors import CompactMLError
@@ -99,33 +100,15 @@ class _Calibrated(Technique):
 
     def _layers(self, model: nn.Module) -> tuple[dict[str, nn.Linear], dict[str, str]]:
         """The selected Linear layers that can be pruned, and the others with the reason."""
-        who = type(self).__name__
-        if not any(type(m) is nn.Linear for m in model.modules()):
-            raise CompactMLError(
-                f"the model ({type(model).__name__}) has no nn.Linear layer; {who} prunes "
-                "Linear layers (use Magnitude or NM for convolutions)"
-            )
-        chosen = self.targets(model, (nn.Linear,))
-        if not chosen:
-            raise CompactMLError(
-                f"{who} found no Linear layer selected by include={list(self.include)} "
-                f"exclude={list(self.exclude)}; check the patterns against the model's module names"
-            )
-        layers, skipped = {}, {}
-        for name, layer in chosen:
+
+        def check(layer: nn.Linear) -> str | None:
             if self.m is not None and layer.in_features % self.m:
-                skipped[name] = f"input width {layer.in_features} is not divisible by m={self.m}"
-            elif not bool(torch.isfinite(layer.weight).all()):
-                skipped[name] = "the weight has NaN or Inf values"
-            else:
-                layers[name] = layer
-        if not layers:
-            name, reason = next(iter(skipped.items()))
-            raise CompactMLError(
-                f"{who}: no selected layer can be pruned ({name or 'model'}: {reason}); select "
-                "other layers with include/exclude"
-            )
-        return layers, skipped
+                return f"input width {layer.in_features} is not divisible by m={self.m}"
+            return None
+
+        return select_linears(
+            self, model, verb="pruned", instead="use Magnitude or NM for convolutions", check=check
+        )
 
     @abc.abstractmethod
     def solve(

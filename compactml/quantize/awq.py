@@ -60,11 +60,12 @@ import torch
 from torch import nn
 
 from compactml.calib.capture import Block, collect, run_blockwise
+from compactml.calib.layers import select_linears
 from compactml.calib.stats import ChannelStats
 from compactml.config import Technique, record
 from compactml.errors import CompactMLError
 from compactml.quantize import affine
-from compactml.quantize.affine import SCALE_DTYPES, QScheme, choose_qparams, fake_quantize
+from compactml.quantize.affine import QScheme, choose_qparams, fake_quantize
 from compactml.quantize.clip import mse_clip
 from compactml.quantize.fold import (
     InputGroup,
@@ -277,32 +278,22 @@ class AWQ(Technique):
 
     def _layers(self, model: nn.Module) -> tuple[dict[str, nn.Linear], dict[str, str]]:
         """The selected Linear layers AWQ can quantize, and the others with the reason."""
-        if not any(type(m) is nn.Linear for m in model.modules()):
-            raise CompactMLError(
-                f"the model ({type(model).__name__}) has no nn.Linear layer; AWQ quantizes "
-                "Linear layers (use WeightOnly for Conv2d and Embedding layers)"
-            )
-        chosen = dict(self.targets(model, (nn.Linear,)))
-        if not chosen:
-            raise CompactMLError(
-                f"AWQ found no Linear layer selected by include={list(self.include)} "
-                f"exclude={list(self.exclude)}; check the patterns against the model's module names"
-            )
-        layers, skipped = {}, {}
-        for name, layer in chosen.items():
+        granularity = self.scheme().granularity
+
+        def check(layer: nn.Linear) -> str | None:
             try:
-                affine.param_shape(tuple(layer.weight.shape), self.scheme().granularity)
+                affine.param_shape(tuple(layer.weight.shape), granularity)
             except CompactMLError as exc:
-                skipped[name] = str(exc)
-                continue
-            if not bool(torch.isfinite(layer.weight).all()):
-                skipped[name] = "the weight has NaN or Inf values"
-                continue
-            layers[name] = layer
-        if not layers:
-            name, reason = next(iter(skipped.items()))
-            raise CompactMLError(f"no selected layer can be quantized; {name or 'model'}: {reason}")
-        return layers, skipped
+                return str(exc)
+            return None
+
+        return select_linears(
+            self,
+            model,
+            verb="quantized",
+            instead="use WeightOnly for Conv2d and Embedding layers",
+            check=check,
+        )
 
     def search(self, weights: list[torch.Tensor], sample: TokenSample) -> AWQScales:
         """The scales of one group of layers (their ``weights``) from their input ``sample``;
@@ -378,8 +369,7 @@ class AWQ(Technique):
             rows = slice(first, first + layer.out_features)  # the layer's rows of the stack
             first = rows.stop
             scale = scales.qscale[rows]
-            zero = None if scales.qzero is None else scales.qzero[rows].contiguous()
+            zero = None if scales.qzero is None else scales.qzero[rows]
             codes = affine.quantize(layer.weight.float(), scale, zero, scheme)
-            stored = scale.to(SCALE_DTYPES[scheme.scale_dtype]).contiguous()
-            q = QWeight(affine.pack(codes, scheme.bits), stored, zero, scheme, tuple(codes.shape))
+            q = QWeight.from_codes(codes, scale, zero, scheme)
             set_layer(model, at, QuantLinear.from_qweight(q, layer.bias))

@@ -39,11 +39,12 @@ import torch
 from torch import nn
 
 from compactml.calib.capture import Block, collect, run_blockwise
+from compactml.calib.layers import select_linears
 from compactml.calib.stats import HessianStats
 from compactml.config import Technique, record
 from compactml.errors import CompactMLError
 from compactml.quantize import affine
-from compactml.quantize.affine import SCALE_DTYPES, PerChannel, PerGroup, QScheme
+from compactml.quantize.affine import PerChannel, PerGroup, QScheme
 from compactml.quantize.modules import QuantLinear
 from compactml.quantize.qweight import QWeight
 from compactml.quantize.swap import set_layer, warn_skipped
@@ -211,10 +212,8 @@ def gptq_quantize(
     pshape = affine.param_shape((rows, cols), scheme.granularity)
     if not pshape:  # per-tensor: every row holds the same scale
         scale, zero = scale[0, 0], (None if zero is None else zero[0, 0])
-    stored_scale = scale.reshape(pshape).to(SCALE_DTYPES[scheme.scale_dtype]).contiguous()
-    stored_zero = None if zero is None else zero.reshape(pshape).contiguous()
-    data = affine.pack(codes.to(torch.uint8), scheme.bits)
-    return QWeight(data, stored_scale, stored_zero, scheme, (rows, cols))
+    zero = None if zero is None else zero.reshape(pshape)
+    return QWeight.from_codes(codes, scale.reshape(pshape), zero, scheme)
 
 
 def _quant_linear(layer: nn.Linear, q: QWeight) -> QuantLinear:
@@ -284,32 +283,22 @@ class GPTQ(Technique):
 
     def _layers(self, model: nn.Module) -> tuple[dict[str, nn.Linear], dict[str, str]]:
         """The selected Linear layers GPTQ can quantize, and the others with the reason."""
-        chosen = dict(self.targets(model, (nn.Linear,)))
-        if not any(type(m) is nn.Linear for m in model.modules()):
-            raise CompactMLError(
-                f"the model ({type(model).__name__}) has no nn.Linear layer; GPTQ quantizes "
-                "Linear layers (use WeightOnly for Conv2d and Embedding layers)"
-            )
-        if not chosen:
-            raise CompactMLError(
-                f"GPTQ found no Linear layer selected by include={list(self.include)} "
-                f"exclude={list(self.exclude)}; check the patterns against the model's module names"
-            )
-        layers, skipped = {}, {}
-        for name, layer in chosen.items():
+        granularity = self.scheme().granularity
+
+        def check(layer: nn.Linear) -> str | None:
             try:
-                affine.param_shape(tuple(layer.weight.shape), self.scheme().granularity)
+                affine.param_shape(tuple(layer.weight.shape), granularity)
             except CompactMLError as exc:
-                skipped[name] = str(exc)
-                continue
-            if not bool(torch.isfinite(layer.weight).all()):
-                skipped[name] = "the weight has NaN or Inf values"
-                continue
-            layers[name] = layer
-        if not layers:
-            name, reason = next(iter(skipped.items()))
-            raise CompactMLError(f"no selected layer can be quantized; {name or 'model'}: {reason}")
-        return layers, skipped
+                return str(exc)
+            return None
+
+        return select_linears(
+            self,
+            model,
+            verb="quantized",
+            instead="use WeightOnly for Conv2d and Embedding layers",
+            check=check,
+        )
 
     def quantize_layer(self, name: str, weight: torch.Tensor, stats: HessianStats) -> QWeight:
         """GPTQ codes for one layer from its statistics; raising the damping on a failed

@@ -53,10 +53,19 @@ class QWeight:
             data = w.to(scheme.torch_dtype, copy=True).contiguous()
             return cls(data, None, None, scheme, tuple(w.shape))
         scale, zero = clipped_qparams(w.float(), scheme, clip)
-        codes = affine.quantize(w.float(), scale, zero, scheme)
-        data = affine.pack(codes, scheme.bits)
+        return cls.from_codes(affine.quantize(w.float(), scale, zero, scheme), scale, zero, scheme)
+
+    @classmethod
+    def from_codes(
+        cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QScheme
+    ) -> QWeight:
+        """The QWeight of integer ``codes`` (the weight's shape, unpacked) chosen elsewhere (by
+        GPTQ, AWQ...) with ``scale``/``zero`` in ``scheme``'s parameter shape: packs the codes
+        and stores the scale in the scheme's scale dtype."""
+        data = affine.pack(codes.to(torch.uint8), scheme.bits)
         stored_scale = scale.to(SCALE_DTYPES[scheme.scale_dtype]).contiguous()
-        return cls(data, stored_scale, zero, scheme, tuple(w.shape))
+        stored_zero = None if zero is None else zero.contiguous()
+        return cls(data, stored_scale, stored_zero, scheme, tuple(codes.shape))
 
     @staticmethod
     def empty_tensors(scheme: Scheme, shape: tuple[int, ...]) -> dict[str, torch.Tensor | None]:
