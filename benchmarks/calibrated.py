@@ -10,7 +10,8 @@ embeddings and norms stay float, with the task's 128 calibration sequences:
    (and GPTQ with ``act_order`` at group 64), ``AWQ``;
 2. 50% unstructured and 2:4 sparsity: magnitude (``Magnitude`` per layer / ``NM``), ``Wanda``,
    ``SparseGPT``;
-3. W8A8: plain ``Static`` INT8 against ``SmoothQuant`` (alpha 0.5) then static INT8.
+3. W8A8: plain ``Static`` INT8 against ``SmoothQuant`` (alpha 0.5) then static INT8, each with
+   the minmax and the percentile activation observer.
 
 Each row keeps the quality, its loss against fp32 (``error`` = 1 - cosine fidelity for minilm,
 perplexity increase for tiny-llama), and the wall and CPU seconds of the compression call. The
@@ -42,6 +43,7 @@ from compactml.task import Task
 
 OUT = RESULTS_DIR / "calibrated.json"
 BITS, GROUPS = (4, 3), (64, 128)
+OBSERVERS = ("minmax", "percentile")
 
 
 def linears(model: nn.Module) -> tuple[str, ...]:
@@ -78,9 +80,12 @@ def configs(layers: tuple[str, ...]) -> dict[str, dict[str, Technique]]:
     if hasattr(cml, "SparseGPT"):
         sparse["50%_sparsegpt"] = cml.SparseGPT(sparsity=0.5, progress=False, **only)
         sparse["2:4_sparsegpt"] = cml.SparseGPT(n=2, m=4, progress=False, **only)
-    w8a8: dict[str, Technique] = {"static": cml.Static(progress=False, **only)}
-    if hasattr(cml, "SmoothQuant"):
-        w8a8["smoothquant_0.5"] = cml.SmoothQuant(alpha=0.5, progress=False, **only)
+    w8a8: dict[str, Technique] = {}
+    for observer in OBSERVERS:
+        w8a8[f"static_{observer}"] = cml.Static(observer=observer, progress=False, **only)
+        w8a8[f"smoothquant_0.5_{observer}"] = cml.SmoothQuant(
+            alpha=0.5, observer=observer, progress=False, **only
+        )
     return {"weight_only": weight_only, "sparse": sparse, "w8a8": w8a8}
 
 
