@@ -1,5 +1,10 @@
 """Named quantization schemes for the command line: ``--scheme int4-weight`` and friends.
 
+The GPTQ schemes use ``act_order``: it visits columns by input energy but keeps the stored
+groups in column order, so it costs nothing at run time, and it lowered the error on both
+built-in language models (``benchmarks/calibrated.py``: minilm 4-bit g64 1 - cosine 0.0159 vs
+0.0186; tiny-llama 3-bit g64 perplexity increase 0.14 vs 0.22).
+
 Each name maps to a function building the config, so options such as the group size or the
 layers to leave alone can be passed through. The table is literal: grep finds every scheme.
 """
@@ -51,13 +56,13 @@ SCHEMES: dict[str, tuple[SchemeFactory, str]] = {
         "2-bit weights in groups of 16 with MSE clipping",
     ),
     "int4-gptq": (
-        lambda o: GPTQ(bits=4, group_size=o.get("group_size") or 64, **_common(o)),
-        "4-bit weights in groups of 64 chosen by GPTQ on task.calib, block by block (Linear "
-        "layers; MatMulNBits in ONNX Runtime)",
+        lambda o: GPTQ(bits=4, group_size=o.get("group_size") or 64, act_order=True, **_common(o)),
+        "4-bit weights in groups of 64 chosen by GPTQ (act_order) on task.calib, block by block "
+        "(Linear layers; MatMulNBits in ONNX Runtime)",
     ),
     "int3-gptq": (
-        lambda o: GPTQ(bits=3, group_size=o.get("group_size") or 64, **_common(o)),
-        "3-bit weights in groups of 64 chosen by GPTQ on task.calib (Linear layers)",
+        lambda o: GPTQ(bits=3, group_size=o.get("group_size") or 64, act_order=True, **_common(o)),
+        "3-bit weights in groups of 64 chosen by GPTQ (act_order) on task.calib (Linear layers)",
     ),
     "int4-awq": (
         lambda o: AWQ(bits=4, group_size=o.get("group_size") or 64, **_common(o)),
