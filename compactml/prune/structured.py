@@ -84,6 +84,12 @@ class _Structured(Technique):
     def _candidates(self, graph: Graph) -> tuple[list[Group], dict[str, str]]:
         """The groups this config prunes, and ``{group: reason}`` for those it leaves."""
         chosen, skipped = [], {}
+        if self.kind == "heads" and not any(g.kind == "heads" for g in graph.groups()):
+            raise CompactMLError(
+                f"Heads found no attention heads in {type(graph.model).__name__} (a reshape of "
+                "q, k and v into heads joined by the attention product); use Channels for "
+                "convolutions and MLP neurons"
+            )
         for group in graph.groups():
             if not self._selected(group):
                 continue

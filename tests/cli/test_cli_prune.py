@@ -105,7 +105,7 @@ def test_bad_input_is_one_line_and_writes_nothing(cli, tmp_path):
     cli.error([*base, "--method", "nm", "--n", "4", "--m", "2"], "greater than m")
     assert not out.exists()
     # a method that finds nothing to prune is an error, not an unchanged artifact
-    cli.error([*base, "--method", "heads", "--ratio", "0.5"], "pruned nothing")
+    cli.error([*base, "--method", "heads", "--ratio", "0.5"], "no attention heads")
     args = [*base, "--method", "channels", "--ratio", "0.5", "--exclude", "features"]
     cli.error(args, "classifier")
     assert not out.exists()

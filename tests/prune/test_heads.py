@@ -144,3 +144,11 @@ def test_minilm_heads_and_ffn_neurons_save_and_reload(minilm_pair, tmp_path):
     assert loaded.encoder.encoder.layer[3].attention.self.num_attention_heads == 9
     with torch.no_grad():
         assert torch.equal(loaded(**x), both(**x))
+
+
+def test_heads_on_a_model_without_attention_is_a_clear_error():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(compactml.CompactMLError, match="no attention heads in Sequential"):
+        Heads(ratio=0.5).apply(model, Task(example=torch.randn(2, 8)))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
