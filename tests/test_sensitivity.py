@@ -266,3 +266,11 @@ def test_bad_arguments():
     with pytest.raises(CompactMLError, match="changed no layer"):
         sensitivity(model, task, ZeroSmallest(include=("1",)), [0.5], progress=False)
     assert_untouched(model, before)
+
+
+def test_static_measures_weight_layers_only():
+    """Static also folds BatchNorms and wraps ReLUs; those are not layers to measure alone."""
+    model, task = examples.load("digits-cnn", progress=False)
+    table = sensitivity(model, task, Static(progress=False), [8], batches=1, progress=False)
+    assert table.layers == ["features.conv1", "features.conv2", "features.conv3", "classifier"]
+    assert not table.failures

@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from compactml.config import Technique, history
@@ -93,8 +94,19 @@ def _config_at(make: Callable[[float], Technique], level: float, level_name: str
     return config
 
 
+def _weight_layer(module: nn.Module | None) -> bool:
+    """Whether ``module`` holds a weight matrix or kernel of its own (a Linear, a convolution,
+    an embedding): what a per-layer sensitivity measures."""
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.dim() >= 2
+
+
 def _discover(model: nn.Module, task: Task | None, config: Technique) -> list[str]:
-    """The layers ``config`` changes when applied to the whole model, from its record."""
+    """The weight layers ``config`` changes when applied to the whole model, from its record.
+
+    Modules a technique changes along the way (a BatchNorm that Static folds away, a ReLU it
+    wraps with an activation quantizer, a norm AWQ scales) are left out: they cannot be
+    compressed alone. When the record names no weight layer, every changed module is kept."""
     before = len(history(model))
     new = config.apply(model, task)
     records = history(new)
@@ -110,7 +122,9 @@ def _discover(model: nn.Module, task: Task | None, config: Technique) -> list[st
             f"{name} changed no layer of the model; check its include/exclude patterns "
             "or pass layers=[...]"
         )
-    return list(dict.fromkeys(changed))
+    modules = dict(model.named_modules())
+    weights = [name for name in changed if _weight_layer(modules.get(name))]
+    return list(dict.fromkeys(weights or changed))
 
 
 def _check_layers(model: nn.Module, layers: Any) -> list[str]:
