@@ -37,6 +37,28 @@ def _patterns(value: Any, field: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def check_bools(config: Any, *names: str) -> None:
+    """Raise unless each named field of ``config`` is True or False."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, bool):
+            raise CompactMLError(f"{name} must be true or false, got {value!r}")
+
+
+def check_positive_ints(config: Any, *names: str) -> None:
+    """Raise unless each named field of ``config`` is an integer >= 1; None passes where it is
+    the field's default (an optional count such as ``calib_batches``)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    for name in names:
+        value = getattr(config, name)
+        if value is None and defaults.get(name) is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CompactMLError(
+                f"{type(config).__name__} {name} must be a positive integer, got {value!r}"
+            )
+
+
 def matches(name: str, patterns: tuple[str, ...]) -> bool:
     """True when ``name`` or one of its dotted parents matches a pattern (fnmatch, case kept):
     ``"encoder"`` matches ``encoder.layer.0.attn`` too, ``"*"`` matches every name."""

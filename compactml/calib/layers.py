@@ -10,6 +10,8 @@ from torch import nn
 
 from compactml.config import Technique
 from compactml.errors import CompactMLError
+from compactml.quantize import affine
+from compactml.quantize.affine import QScheme
 
 
 def select_linears(
@@ -57,3 +59,25 @@ def select_linears(
             "other layers with include/exclude"
         )
     return layers, skipped
+
+
+def quantizable_linears(
+    technique: Technique, model: nn.Module, scheme: QScheme
+) -> tuple[dict[str, nn.Linear], dict[str, str]]:
+    """:func:`select_linears` for a weight quantizer writing codes in ``scheme``: a layer whose
+    shape the scheme's groups do not fit stays float, with the reason."""
+
+    def check(layer: nn.Linear) -> str | None:
+        try:
+            affine.param_shape(tuple(layer.weight.shape), scheme.granularity)
+        except CompactMLError as exc:
+            return str(exc)
+        return None
+
+    return select_linears(
+        technique,
+        model,
+        verb="quantized",
+        instead="use WeightOnly for Conv2d and Embedding layers",
+        check=check,
+    )

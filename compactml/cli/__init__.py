@@ -1,10 +1,11 @@
 """The ``compactml`` command: profile, evaluate, quantize, prune, scan sensitivity, sign and
 verify models from the shell.
 
-MODEL arguments accept a built-in name (``digits-cnn``, ``minilm``, ``tiny-llama``), a ``.cml`` artifact, a
-Hugging Face model folder, or ``path/to/file.py:factory``. The flags ``--json`` (machine
-output on stdout), ``--quiet`` (errors only) and ``--debug`` (tracebacks) may appear anywhere
-on the command line. Bad input prints ``error: <what and how to fix>`` and exits with 2.
+MODEL arguments accept a built-in name (``digits-cnn``, ``minilm``, ``tiny-llama``), a
+``.cml`` artifact, a Hugging Face model folder, or ``path/to/file.py:factory``. The flags
+``--json`` (machine output on stdout), ``--quiet`` (errors only) and ``--debug`` (tracebacks)
+may appear anywhere on the command line. Bad input prints ``error: <what and how to fix>``
+and exits with 2.
 """
 
 from __future__ import annotations

@@ -28,18 +28,13 @@ from torch import nn
 from compactml.calib.capture import Block, collect, run_blockwise
 from compactml.calib.layers import select_linears
 from compactml.calib.stats import ChannelStats, HessianStats
-from compactml.config import Technique, record
+from compactml.config import Technique, check_bools, check_positive_ints, record
 from compactml.errors import CompactMLError
 from compactml.prune.criteria import check_sparsity
 from compactml.prune.masks import attach_mask, sparsity
 from compactml.prune.sparsegpt import sparsegpt_prune, wanda_prune
 from compactml.quantize.gptq import with_damping
 from compactml.task import Task
-
-
-def _positive_int(value: Any, name: str, owner: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise CompactMLError(f"{owner} {name} must be a positive integer, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -75,8 +70,7 @@ class _Calibrated(Technique):
                     f"{who} got sparsity={self.sparsity!r} and n={self.n!r}, m={self.m!r}; give "
                     "sparsity= for unstructured pruning or n= and m= for N:M, not both"
                 )
-            _positive_int(self.n, "n", who)
-            _positive_int(self.m, "m", who)
+            check_positive_ints(self, "n", "m")
             if self.n > self.m:
                 raise CompactMLError(
                     f"{who} n={self.n} is greater than m={self.m}; n weights are kept in every "
@@ -86,10 +80,8 @@ class _Calibrated(Technique):
             object.__setattr__(self, "sparsity", 0.5)
         else:
             check_sparsity(self.sparsity)
-        if self.calib_batches is not None:
-            _positive_int(self.calib_batches, "calib_batches", who)
-        if not isinstance(self.progress, bool):
-            raise CompactMLError(f"progress must be true or false, got {self.progress!r}")
+        check_positive_ints(self, "calib_batches")
+        check_bools(self, "progress")
 
     def pattern(self) -> dict[str, Any]:
         """The pattern as keyword arguments of the pure functions: ``{"sparsity": s}`` or
@@ -199,7 +191,7 @@ class SparseGPT(_Calibrated):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive_int(self.block_size, "block_size", "SparseGPT")
+        check_positive_ints(self, "block_size")
         if self.m is not None and self.block_size % self.m:
             raise CompactMLError(
                 f"SparseGPT block_size={self.block_size} is not a multiple of m={self.m}; "

@@ -60,9 +60,9 @@ import torch
 from torch import nn
 
 from compactml.calib.capture import Block, collect, run_blockwise
-from compactml.calib.layers import select_linears
+from compactml.calib.layers import quantizable_linears
 from compactml.calib.stats import ChannelStats
-from compactml.config import Technique, record
+from compactml.config import Technique, check_bools, check_positive_ints, record
 from compactml.errors import CompactMLError
 from compactml.quantize import affine
 from compactml.quantize.affine import QScheme, choose_qparams, fake_quantize
@@ -261,15 +261,8 @@ class AWQ(Technique):
     def __post_init__(self) -> None:
         super().__post_init__()
         affine.weight_granularity(self.group_size)  # validates group_size
-        for name in ("symmetric", "clip", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                raise CompactMLError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("grid", "calib_batches"):
-            value = getattr(self, name)
-            if value is None and name == "calib_batches":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise CompactMLError(f"{name} must be a positive integer, got {value!r}")
+        check_bools(self, "symmetric", "clip", "progress")
+        check_positive_ints(self, "grid", "calib_batches")
         self.scheme()  # validates bits
 
     def scheme(self) -> QScheme:
@@ -278,22 +271,7 @@ class AWQ(Technique):
 
     def _layers(self, model: nn.Module) -> tuple[dict[str, nn.Linear], dict[str, str]]:
         """The selected Linear layers AWQ can quantize, and the others with the reason."""
-        granularity = self.scheme().granularity
-
-        def check(layer: nn.Linear) -> str | None:
-            try:
-                affine.param_shape(tuple(layer.weight.shape), granularity)
-            except CompactMLError as exc:
-                return str(exc)
-            return None
-
-        return select_linears(
-            self,
-            model,
-            verb="quantized",
-            instead="use WeightOnly for Conv2d and Embedding layers",
-            check=check,
-        )
+        return quantizable_linears(self, model, self.scheme())
 
     def search(self, weights: list[torch.Tensor], sample: TokenSample) -> AWQScales:
         """The scales of one group of layers (their ``weights``) from their input ``sample``;

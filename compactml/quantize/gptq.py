@@ -39,9 +39,9 @@ import torch
 from torch import nn
 
 from compactml.calib.capture import Block, collect, run_blockwise
-from compactml.calib.layers import select_linears
+from compactml.calib.layers import quantizable_linears
 from compactml.calib.stats import HessianStats
-from compactml.config import Technique, record
+from compactml.config import Technique, check_bools, check_positive_ints, record
 from compactml.errors import CompactMLError
 from compactml.quantize import affine
 from compactml.quantize.affine import PerChannel, PerGroup, QScheme
@@ -263,18 +263,11 @@ class GPTQ(Technique):
     def __post_init__(self) -> None:
         super().__post_init__()
         affine.weight_granularity(self.group_size)  # validates group_size
-        for name in ("symmetric", "act_order", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                raise CompactMLError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        check_bools(self, "symmetric", "act_order", "progress")
         damp = self.damp
         if isinstance(damp, bool) or not isinstance(damp, int | float) or not 0 < damp < 1:
             raise CompactMLError(f"damp must be a number between 0 and 1 (e.g. 0.01), got {damp!r}")
-        for name in ("block_size", "calib_batches"):
-            value = getattr(self, name)
-            if value is None and name == "calib_batches":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise CompactMLError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_ints(self, "block_size", "calib_batches")
         self.scheme()  # validates bits
 
     def scheme(self) -> QScheme:
@@ -283,22 +276,7 @@ class GPTQ(Technique):
 
     def _layers(self, model: nn.Module) -> tuple[dict[str, nn.Linear], dict[str, str]]:
         """The selected Linear layers GPTQ can quantize, and the others with the reason."""
-        granularity = self.scheme().granularity
-
-        def check(layer: nn.Linear) -> str | None:
-            try:
-                affine.param_shape(tuple(layer.weight.shape), granularity)
-            except CompactMLError as exc:
-                return str(exc)
-            return None
-
-        return select_linears(
-            self,
-            model,
-            verb="quantized",
-            instead="use WeightOnly for Conv2d and Embedding layers",
-            check=check,
-        )
+        return quantizable_linears(self, model, self.scheme())
 
     def quantize_layer(self, name: str, weight: torch.Tensor, stats: HessianStats) -> QWeight:
         """GPTQ codes for one layer from its statistics; raising the damping on a failed
