@@ -42,7 +42,7 @@ from torch.utils._pytree import tree_leaves
 from compactml.checks import run_checked
 from compactml.config import replace_module
 from compactml.errors import CompactMLError, first_line
-from compactml.export.onnx_lowering import LOWERINGS
+from compactml.export.onnx_lowering import LOWERINGS, TRACED_SHAPE_ATTR
 from compactml.export.onnx_static import drop_identity_activations
 from compactml.io import atomic_write_bytes, refuse_overwrite
 from compactml.quantize.modules import QuantEmbedding
@@ -90,7 +90,9 @@ class _StandIn(nn.Module):
         self.key = key
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer's output, traced as a placeholder node."""
+        """The layer's output, traced as a placeholder node (the layer, a copy, is told the
+        input's shape: some lowerings depend on it)."""
+        object.__setattr__(self.layer, TRACED_SHAPE_ATTR, tuple(x.shape))
         return _Placeholder.apply(x, self.key, self.layer)
 
 

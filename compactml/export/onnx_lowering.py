@@ -22,6 +22,10 @@ Weight forms, chosen per layer from its scheme (nothing depends on the machine):
 - ``QuantEmbedding``: codes, scales and zero points are gathered row by row first
   (``Gather``), then dequantized; only the looked-up rows are decoded on each run.
 - Float16/bfloat16 (``Half``) weights: a float16/bfloat16 initializer + ``Cast`` to float32.
+- A strided convolution over at most :data:`S2D_MAX_CHANNELS` input channels with its own 8-bit
+  input quantizer (an image network's first convolution): ``SpaceToDepth`` of the quantized
+  input and a stride-1 convolution with the rearranged kernel, bit-exact and faster in ONNX
+  Runtime (:func:`_space_to_depth_conv`).
 
 In the generic (non-MatMulNBits) forms, 2, 3, 5, 6 and 7-bit codes are stored unpacked, one per
 byte: such an ONNX file is larger than the ``.cml`` artifact (about 2x for 4-bit codes, 4x for
@@ -296,10 +300,95 @@ def _pad_input(layer: QuantConv2d, out: Lowered, x: str, prefix: str) -> str:
     return out.node("Pad", [x, pads], f"{prefix}.pad", mode=PAD_MODES[layer.padding_mode])
 
 
+#: Largest input channel count of a strided convolution exported in space-to-depth form.
+S2D_MAX_CHANNELS = 4
+#: Set on a compressed layer (of the exporter's copy) to the shape of its input when traced.
+TRACED_SHAPE_ATTR = "_compactml_traced_input_shape"
+
+
+def _s2d_pads(layer: QuantConv2d) -> list[int] | None:
+    """ONNX ``Pad`` pads (``[0, 0, top, left, 0, 0, bottom, right]``) for the space-to-depth
+    form of ``layer`` (see :func:`_space_to_depth_conv`), or None when it does not apply."""
+    quant, shape = layer.input_quant, getattr(layer, TRACED_SHAPE_ATTR, None)
+    q = layer.qweight_data()
+    stride = layer.stride[0]
+    if (
+        quant is None or int(quant.bits) != 8 or shape is None or len(shape) != 4
+        or layer.padding_mode != "zeros" or layer.groups != 1 or tuple(layer.dilation) != (1, 1)
+        or stride < 2 or tuple(layer.stride) != (stride, stride)
+        or layer.in_channels > S2D_MAX_CHANNELS or min(layer.kernel_size) < stride
+        or isinstance(q.scheme, FloatScheme) or q.codebook is not None
+        or isinstance(q.scheme.granularity, PerGroup)
+    ):  # fmt: skip
+        return None
+    top, left, bottom, right = _conv_pads(layer)
+    ends = []
+    sides = zip(shape[2:], (top, left), (bottom, right), layer.kernel_size, strict=True)
+    for size, start, end, k in sides:
+        out_size = (size + start + end - k) // stride + 1
+        wide = -(-k // stride) * stride  # the kernel rounded up to whole blocks
+        ends.append(stride * (out_size - 1) + wide - size - start)  # pad so blocks fit exactly
+    if min(ends) < 0:
+        return None
+    return [0, 0, top, left, 0, 0, ends[0], ends[1]]
+
+
+def _s2d_weight(q: QWeight, block: int) -> QWeight:
+    """The codes of a ``(out, in, kh, kw)`` weight for the space-to-depth input: the kernel is
+    extended to whole blocks with the code of zero, and the block offsets become input
+    channels in ``SpaceToDepth``'s order (``(row offset, column offset, channel)``)."""
+    codes = q.codes()
+    o, c, kh, kw = codes.shape
+    wh, ww = -(-kh // block) * block, -(-kw // block) * block
+    if q.scheme.symmetric:
+        fill = torch.full((o, 1, 1, 1), q.scheme.mid, dtype=codes.dtype)
+    else:
+        fill = q.zero.reshape(-1, 1, 1, 1).to(codes.dtype).expand(o, 1, 1, 1)
+    wide = fill.expand(o, c, wh, ww).clone()
+    wide[:, :, :kh, :kw] = codes
+    wide = wide.reshape(o, c, wh // block, block, ww // block, block).permute(0, 3, 5, 1, 2, 4)
+    codes = wide.reshape(o, block * block * c, wh // block, ww // block)
+    return QWeight.from_codes(codes, q.scale, q.zero, q.scheme)
+
+
+def _space_to_depth_conv(layer: QuantConv2d, out: Lowered, x: str, y: str, prefix: str) -> None:
+    """A strided convolution over few input channels (a network's first convolution on an RGB
+    image) as a stride-1 convolution over ``SpaceToDepth`` of its quantized input.
+
+    Block ``s`` = the stride: the uint8 input codes are padded with their zero point (so that
+    whole blocks cover every window), rearranged to ``s*s*C`` channels of ``H/s x W/s``, and
+    convolved with the kernel cut into ``s x s`` blocks. Each output is the same sum of the same
+    integer products (plus products with zero-valued padding), so the result is bit-exact, and
+    ONNX Runtime's integer convolution runs faster on ``s*s*C`` channels than on 3 (on this
+    project's CPU: 0.44 ms against 0.57 ms for ResNet's 7x7/2 stem at 224x224)."""
+    pads = _s2d_pads(layer)
+    block = layer.stride[0]
+    quant = layer.input_quant
+    zdtype = np.int8 if bool(quant.signed) else np.uint8
+    s = out.const(f"{prefix}.input_scale", np.array(to_numpy(quant.scale).reshape(()), np.float32))
+    z = out.const(
+        f"{prefix}.input_zero_point", np.array(int(to_numpy(quant.zero_point).reshape(())), zdtype)
+    )
+    q = out.node("QuantizeLinear", [x, s, z], f"{prefix}.input_q")
+    p = out.const(f"{prefix}.s2d_pads", np.array(pads, np.int64))
+    padded = out.node("Pad", [q, p, z], f"{prefix}.input_padded", mode="constant")
+    blocks = out.node("SpaceToDepth", [padded], f"{prefix}.input_s2d", blocksize=block)
+    dq = out.node("DequantizeLinear", [blocks, s, z], f"{prefix}.input_dq")
+    inputs = [dq, _weight(_s2d_weight(layer.qweight_data(), block), out, f"{prefix}.weight")]
+    if layer.bias is not None:
+        inputs.append(out.const(f"{prefix}.bias", to_numpy(layer.bias.float())))
+    kernel = [-(-k // block) for k in layer.kernel_size]
+    out.node("Conv", inputs, y, kernel_shape=kernel, strides=[1, 1], pads=[0, 0, 0, 0])
+
+
 def lower_quant_conv2d(layer: QuantConv2d, x: str, y: str, prefix: str) -> Lowered:
     """``QuantConv2d``: the dequantized weight feeding ``Conv`` (after a ``Pad`` for the
-    reflect, replicate and circular padding modes)."""
+    reflect, replicate and circular padding modes); a strided convolution over at most
+    :data:`S2D_MAX_CHANNELS` quantized input channels in space-to-depth form."""
     out = Lowered()
+    if _s2d_pads(layer) is not None:
+        _space_to_depth_conv(layer, out, x, y, prefix)
+        return out
     x = _input_qdq(layer, out, x, prefix)
     zeros = layer.padding_mode == "zeros"
     if not zeros:

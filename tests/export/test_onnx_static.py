@@ -314,3 +314,39 @@ def test_drop_identity_activations_only_drops_exact_identities(op, scale, zero, 
     assert [n.op_type for n in proto.graph.node].count(op) == 1 - dropped
     after = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": codes})[0]
     assert np.array_equal(before, after)  # dropped or not, the model computes the same
+
+
+# (kernel, stride, padding, input size, symmetric weights, space-to-depth expected)
+S2D_CASES = [
+    (7, 2, 3, 32, True, True),  # ResNet's stem
+    (3, 2, 1, 17, False, True),  # odd size, asymmetric weight codes padded with zero points
+    (5, 3, 2, 20, True, True),  # kernel not a multiple of the stride
+    (4, 4, 0, 21, False, False),  # the last input row is never read: plain convolution
+]
+
+
+@pytest.mark.parametrize(("kernel", "stride", "padding", "size", "symmetric", "s2d"), S2D_CASES)
+def test_strided_stem_conv_in_space_to_depth_form_is_bit_exact(
+    tmp_path, monkeypatch, kernel, stride, padding, size, symmetric, s2d
+):
+    from compactml.export import onnx_lowering
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, kernel, stride=stride, padding=padding)
+    model = _quantized(conv, QScheme(8, symmetric, PerChannel(0)))
+    x = torch.randn(2, 3, size, size)
+    got, ref = _run(model, x, tmp_path / "s2d.onnx")
+    ops = {n.op_type for n in onnx.load(tmp_path / "s2d.onnx").graph.node}
+    assert ("SpaceToDepth" in ops) == s2d
+    assert optimized_ops(tmp_path / "s2d.onnx")["QLinearConv"] == 1
+    monkeypatch.setattr(onnx_lowering, "S2D_MAX_CHANNELS", 0)
+    plain, _ = _run(model, x, tmp_path / "plain.onnx")
+    assert "SpaceToDepth" not in {n.op_type for n in onnx.load(tmp_path / "plain.onnx").graph.node}
+    np.testing.assert_array_equal(got, plain)  # the same integer sums: identical codes
+    assert np.abs(got - ref).max() <= 0.03 + 1e-6  # one step of the output quantizer
+
+
+def test_resnet_stem_is_exported_in_space_to_depth_form(resnet_onnx):
+    path, _, _ = resnet_onnx
+    nodes = [n for n in onnx.load(path).graph.node if n.op_type == "SpaceToDepth"]
+    assert [n.name for n in nodes] == ["lowered/conv1.input_s2d"]
