@@ -51,12 +51,19 @@ def optimized_ops(path: Path) -> collections.Counter:
 
 
 def _check_close(path: Path, model: nn.Module, x: torch.Tensor, last: nn.Module) -> None:
-    """ORT's logits within one step of ``last``'s input quantizer of PyTorch's, same top-1."""
+    """ORT's logits within one step of ``last``'s input quantizer of PyTorch's, same top-1.
+
+    ORT requantizes between layers with its own float arithmetic, so an intermediate code
+    can land one step away from PyTorch's on a rounding tie; such a flip moves a logit by
+    about a weight times a step. Allowed: a few logits past one step, none past two.
+    """
     got = cort.run(cort.session(path), x)[0]
     with torch.no_grad():
         ref = model(x).numpy()
     step = float(last.input_quant.scale)
-    assert np.abs(got - ref).max() <= step
+    err = np.abs(got - ref) / step
+    assert err.max() <= 2.0
+    assert (err > 1.0).mean() <= 0.01
     top2 = np.sort(ref, axis=1)[:, -2:]
     confident = top2[:, 1] - top2[:, 0] > 2 * step
     assert confident.mean() > 0.5
