@@ -62,8 +62,9 @@ class WeightOnly(Technique):
             scale per output channel (per row of an Embedding).
         symmetric: zero point fixed at the middle code (no zero points stored); False stores a
             uint8 zero point per scale and represents 0 exactly.
-        clip: ``"none"`` (min/max) or ``"mse"`` (per-group clipping search that minimizes the
-            weight's squared error, no data needed; see ``compactml.quantize.clip``).
+        clip: ``"none"`` (min/max) or ``"mse"`` (per-group clipping search, then
+            least-squares refits of scale and zero point, minimizing the weight's squared
+            error with no data; see ``compactml.quantize.clip``).
         include, exclude: fnmatch patterns on module names.
 
     Scales are stored in float16; 4-bit group-32 symmetric weights take 4.5 bits each.
