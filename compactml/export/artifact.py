@@ -1,12 +1,13 @@
 """The ``.cml`` artifact: one safetensors file holding a model's weights and a JSON manifest.
 
-Layout: the tensors of the model's state dict (tied tensors stored once), and in the safetensors
-header metadata the manifest, an optional ed25519 signature of it, and a digest of the whole
-metadata (``compactml.export.manifest``). The manifest records the model's source (how to build
-the base architecture), the structural transforms from base to this model
-(``compactml.export.transforms``), aliases of tied tensors, optional metrics, and
-``tensor_sha256``, a digest of every tensor's name, dtype, shape and bytes, so the signature
-covers the weights too.
+Layout: the tensors of the model's state dict (tied tensors stored once, sparse ones as bitmask
+and values, small ones packed into one blob), and in the safetensors header metadata the
+manifest (compressed when that is shorter), an optional ed25519 signature of it, and a digest
+of the whole metadata (``compactml.export.manifest``). The manifest records the model's source
+(how to build the base architecture), the structural transforms from base to this model
+(``compactml.export.transforms``), aliases of tied tensors, how tensors are encoded and packed,
+optional metrics, and ``tensor_sha256``, a digest of every stored tensor's name, dtype, shape
+and bytes, so the signature covers the weights too.
 
 Nothing is unpickled when reading; the file bytes are deterministic (no timestamps).
 """
@@ -29,7 +30,6 @@ from compactml.export.manifest import (
     FORMAT,
     FORMAT_VERSION,
     KEY_ID_KEY,
-    MANIFEST_KEY,
     SIGNATURE_KEY,
     damaged,
     header_metadata,
@@ -38,10 +38,13 @@ from compactml.export.manifest import (
     not_artifact,
     parse_manifest,
     read_header,
+    stored_manifest,
 )
+from compactml.export.packing import pack
+from compactml.export.planning import plan_transforms
 from compactml.export.signing import KeyLike, check_signature, key_id, load_private_key, sign_bytes
 from compactml.export.tensors import serialize, stored_tensors, tensor_sha256
-from compactml.export.transforms import apply_transforms, find_module, plan_transforms
+from compactml.export.transforms import apply_transforms, find_module
 from compactml.io import atomic_write_bytes, refuse_overwrite
 from compactml.source import build_base, get_path, get_source, set_source
 from compactml.task import tensor_nbytes
@@ -105,6 +108,8 @@ def artifact_bytes(
     transforms = _plan(model, source)
     tensors, aliases = stored_tensors(model)
     tensors, encodings = encode(tensors)
+    tensors, packed = pack(tensors)
+    encodings |= packed
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -171,10 +176,10 @@ def _read_bytes(path: str | os.PathLike) -> bytes:
 
 def _decode(
     data: bytes, name: str, verify_key: KeyLike | None
-) -> tuple[dict[str, str], dict[str, Any], dict[str, torch.Tensor]]:
-    """Check an artifact's bytes; returns ``(header metadata, manifest, tensors)``."""
+) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
+    """Check an artifact's bytes; returns ``(manifest text, manifest, stored tensors)``."""
     metadata = read_header(data, name)
-    text = metadata[MANIFEST_KEY]
+    text = stored_manifest(metadata, name)
     if verify_key is not None:
         check_signature(
             text.encode("utf-8"),
@@ -190,7 +195,7 @@ def _decode(
         raise not_artifact(name) from exc
     if tensor_sha256(tensors) != manifest["tensor_sha256"]:
         raise damaged(name, "the tensor data does not match its SHA-256")
-    return metadata, manifest, tensors
+    return text, manifest, tensors
 
 
 def _owner(model: nn.Module, key: str) -> tuple[nn.Module | None, str]:
@@ -334,8 +339,8 @@ def sign_artifact(src: str | os.PathLike, dst: str | os.PathLike, key: KeyLike) 
     dst = Path(dst)
     _check_sign_output(src, dst, key)
     private = load_private_key(key)
-    metadata, _, tensors = _decode(_read_bytes(src), str(src), None)
-    return _write(dst, serialize(tensors, _metadata(metadata[MANIFEST_KEY], private)))
+    text, _, tensors = _decode(_read_bytes(src), str(src), None)
+    return _write(dst, serialize(tensors, _metadata(text, private)))
 
 
 def verify_artifact(path: str | os.PathLike, key: KeyLike) -> dict[str, Any]:

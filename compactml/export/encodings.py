@@ -24,6 +24,9 @@ tensor is stored sparsely only when that saves at least a tenth of its bytes, so
 never gets bigger. Decoding checks every count against
 the stored bytes before allocating anything, so a doctored manifest cannot make ``load``
 allocate more than a small multiple of the file size.
+
+Small stored tensors (bitmasks and values included) are then packed into one blob
+(``compactml.export.packing``); ``decode`` unpacks those ``packed`` entries first.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from compactml.export.packing import PACKED_KIND, PACKED_NAME, unpack
 
 MASK_SUFFIX = "::mask"
 VALUES_SUFFIX = "::values"
@@ -121,7 +126,7 @@ def encode(
 def _check(name: str, entry: Any, stored: dict[str, torch.Tensor]) -> tuple[int, torch.Tensor]:
     """``(numel, keep)`` for one encoding entry, after checking it; raises ValueError."""
     if not isinstance(entry, dict) or entry.get("kind") not in KINDS:
-        raise ValueError(f"the encoding of {name} is not one of {KINDS}")
+        raise ValueError(f"the encoding of {name} is not one of {(*KINDS, PACKED_KIND)}")
     fields = {"kind", "shape", "mask"} | ({"dtype", "fill"} if entry["kind"] == "sparse" else set())
     if set(entry) != fields:
         raise ValueError(f"the encoding of {name} has fields {sorted(entry)}")
@@ -158,14 +163,28 @@ def _sparse(name: str, entry: dict, stored: dict, numel: int, keep: torch.Tensor
     return out.view(dtype) if dtype != view else out
 
 
-def decode(
-    stored: dict[str, torch.Tensor], encodings: dict[str, Any]
-) -> dict[str, torch.Tensor]:
+def _is_packed(entry: Any) -> bool:
+    return isinstance(entry, dict) and entry.get("kind") == PACKED_KIND
+
+
+def decode(stored: dict[str, torch.Tensor], encodings: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The logical tensors from the stored ones; raises ValueError for anything inconsistent
-    (a missing or mis-sized bitmask or values tensor, an unknown kind or dtype)."""
+    (a missing or mis-sized bitmask, values tensor or packed blob, an unknown kind or dtype).
+
+    Packed tensors are unpacked first: they may be the bitmasks and values of sparse ones.
+    """
+    packed = {name: entry for name, entry in encodings.items() if _is_packed(entry)}
+    if packed:
+        both = sorted(set(packed) & set(stored))
+        if both:
+            raise ValueError(f"{both[0]} is stored both densely and packed")
+        unpacked = unpack(stored, packed)
+        stored = {k: v for k, v in stored.items() if k != PACKED_NAME} | unpacked
     used: set[str] = set()
     out: dict[str, torch.Tensor] = {}
     for name, entry in encodings.items():
+        if name in packed:
+            continue
         numel, keep = _check(name, entry, stored)
         used.add(entry["mask"])
         if entry["kind"] == "bits":
@@ -179,7 +198,7 @@ def decode(
     for name, tensor in stored.items():
         if name in used:
             continue
-        if name.endswith((MASK_SUFFIX, VALUES_SUFFIX)):
+        if name.endswith((MASK_SUFFIX, VALUES_SUFFIX)) or name == PACKED_NAME:
             raise ValueError(f"{name} belongs to no encoded tensor")
         out[name] = tensor
     return out

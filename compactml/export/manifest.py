@@ -2,37 +2,55 @@
 
 The safetensors header metadata of an artifact holds string values only:
 
-- ``compactml.manifest``: canonical JSON (see ``manifest_text``) with the format version, the
-  tool version, the model's source, the transforms from base to model, per-layer records,
-  aliases of tied tensors, how sparse tensors are encoded (``encodings``), optional metrics,
-  and ``tensor_sha256`` (a digest of the stored tensors);
+- the manifest, under one of two keys: ``compactml.manifest``, canonical JSON (see
+  ``manifest_text``) with the format version, the tool version, the model's source, the
+  transforms from base to model, per-layer records, aliases of tied tensors, how encoded and
+  packed tensors are stored (``encodings``), optional metrics, and ``tensor_sha256`` (a digest
+  of the stored tensors); or ``compactml.manifest_zlib``, that same text compressed with zlib
+  (level 9, with the preset dictionary ``MANIFEST_ZDICT`` of ``compactml.export.manifest_dict``)
+  and written in base85 (``base64.b85encode``), used whenever it is shorter;
 - ``compactml.signature`` and ``compactml.key_id`` (optional): an ed25519 signature of the
-  manifest bytes (128 lowercase hex digits) and the signer's fingerprint (16 hex digits);
-- ``compactml.header_sha256``: SHA-256 over every other entry (``header_digest``), so a change
-  anywhere in the metadata, the signature included, is caught with or without a key.
+  manifest text (the JSON bytes, uncompressed, so the signature does not depend on the zlib
+  library; 128 lowercase hex digits) and the signer's fingerprint (16 hex digits);
+- ``compactml.header_sha256``: SHA-256 over every other entry (``header_digest``), as stored,
+  so a change anywhere in the metadata, the signature included, is caught with or without a key.
 
-Reading checks everything before anything is built: the digest, the format of each entry, the
-type of every manifest field, the keys each kind of source needs, and the shape of every
-transform. A header from a newer compactml (an unknown ``compactml.*`` entry, manifest field,
-source kind or transform, or a newer format version) asks for an upgrade instead.
+Reading checks everything before anything is built: the digest, the format of each entry, that
+a compressed manifest inflates to at most ``MAX_MANIFEST_BYTES`` (a doctored header cannot make
+it allocate more), the type of every manifest field, the keys each kind of source needs, and
+the shape of every transform. A header from a newer compactml (an unknown ``compactml.*`` entry,
+manifest field, source kind or transform, or a newer format version) asks for an upgrade instead.
+
+Format versions: 1 stored every tensor under its own name and the manifest as plain JSON; 2
+(written now) adds packed small tensors (``compactml.export.packing``) and the compressed
+manifest. Both are read.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import os
 import re
+import zlib
 from pathlib import Path
 from typing import Any
 
 from compactml.errors import ArtifactError, CompactMLError, first_line
+from compactml.export.manifest_dict import MANIFEST_ZDICT
 from compactml.export.transforms import TRANSFORM_FIELDS, check_transform
 
 FORMAT = "compactml.artifact"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 MANIFEST_KEY = "compactml.manifest"
+COMPRESSED_MANIFEST_KEY = "compactml.manifest_zlib"
+MANIFEST_KEYS = (MANIFEST_KEY, COMPRESSED_MANIFEST_KEY)
+# A compressed manifest may inflate to this many bytes at most: a zip bomb in a doctored header
+# is refused after 16 MiB, and a manifest larger than that is written uncompressed.
+MAX_MANIFEST_BYTES = 16 * 2**20
 HEADER_DIGEST_KEY = "compactml.header_sha256"
 SIGNATURE_KEY = "compactml.signature"
 KEY_ID_KEY = "compactml.key_id"
@@ -127,11 +145,54 @@ def header_digest(metadata: dict[str, str]) -> str:
     return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
+def compress_manifest(text: str) -> str:
+    """``text`` compressed with zlib (level 9, preset dictionary ``MANIFEST_ZDICT``) and
+    written in base85: deterministic for one zlib library (another zlib may write other,
+    equally valid bytes; the signature is over the text, so it does not change)."""
+    deflater = zlib.compressobj(9, zdict=MANIFEST_ZDICT)
+    data = deflater.compress(text.encode("utf-8")) + deflater.flush()
+    return base64.b85encode(data).decode("ascii")
+
+
+def inflate_manifest(stored: str, name: str) -> str:
+    """The manifest text of a ``compactml.manifest_zlib`` entry, inflating at most
+    ``MAX_MANIFEST_BYTES`` bytes; raises ArtifactError for anything else."""
+    try:
+        data = base64.b85decode(stored)
+    except (ValueError, binascii.Error) as exc:
+        raise damaged(name, f"{COMPRESSED_MANIFEST_KEY} is not base85") from exc
+    inflater = zlib.decompressobj(zdict=MANIFEST_ZDICT)
+    try:
+        text = inflater.decompress(data, MAX_MANIFEST_BYTES)
+    except zlib.error as exc:
+        raise damaged(name, f"{COMPRESSED_MANIFEST_KEY} is not zlib data") from exc
+    if inflater.unconsumed_tail:
+        raise damaged(name, f"the manifest inflates to more than {MAX_MANIFEST_BYTES} bytes")
+    if not inflater.eof or inflater.unused_data:
+        raise damaged(name, f"{COMPRESSED_MANIFEST_KEY} is cut off or has trailing bytes")
+    try:
+        return text.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise damaged(name, "the manifest is not UTF-8 text") from exc
+
+
+def stored_manifest(metadata: dict[str, str], name: str) -> str:
+    """The manifest text of checked header ``metadata``, inflated when it is compressed."""
+    if MANIFEST_KEY in metadata:
+        return metadata[MANIFEST_KEY]
+    return inflate_manifest(metadata[COMPRESSED_MANIFEST_KEY], name)
+
+
 def header_metadata(
     manifest: str, signature: str | None = None, signer: str | None = None
 ) -> dict[str, str]:
-    """The metadata entries of an artifact: the manifest, optional signature, and digest."""
-    metadata = {MANIFEST_KEY: manifest}
+    """The metadata entries of an artifact: the manifest (compressed when that is shorter),
+    optional signature of the manifest text, and the digest."""
+    compressed = compress_manifest(manifest) if len(manifest) < MAX_MANIFEST_BYTES else None
+    if compressed is not None and len(compressed) < len(manifest):
+        metadata = {COMPRESSED_MANIFEST_KEY: compressed}
+    else:
+        metadata = {MANIFEST_KEY: manifest}
     if signature is not None and signer is not None:
         metadata[SIGNATURE_KEY] = signature
         metadata[KEY_ID_KEY] = signer
@@ -149,7 +210,7 @@ def _raw_metadata(data: bytes, name: str) -> dict[str, Any]:
     except (UnicodeDecodeError, ValueError) as exc:
         raise not_artifact(name) from exc
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(metadata, dict) or MANIFEST_KEY not in metadata:
+    if not isinstance(metadata, dict) or not any(key in metadata for key in MANIFEST_KEYS):
         raise not_artifact(name)
     return metadata
 
@@ -164,8 +225,10 @@ def read_header(data: bytes, name: str) -> dict[str, str]:
         raise damaged(name, f"the header has no {HEADER_DIGEST_KEY}")
     if digest != header_digest(metadata):
         raise damaged(name, "the header does not match its SHA-256")
+    if all(key in metadata for key in MANIFEST_KEYS):
+        raise damaged(name, f"the header has both {MANIFEST_KEY} and {COMPRESSED_MANIFEST_KEY}")
     for key in metadata:
-        if key != MANIFEST_KEY and key not in _ENTRY_FORMATS:
+        if key not in MANIFEST_KEYS and key not in _ENTRY_FORMATS:
             if key.startswith("compactml."):
                 raise newer(name, f"header entry {key[:40]!r}")
             raise damaged(name, f"unexpected header entry {key[:40]!r}")

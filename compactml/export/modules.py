@@ -1,10 +1,10 @@
 """The module types a ``.cml`` artifact can describe as JSON and build again.
 
 ``MODULE_TYPES`` is the one literal table of module types that can be described as JSON and
-rebuilt (by the ``replace`` transforms of ``compactml.export.transforms``). Torch layers read
-their constructor arguments from their attributes; compactml layers (``QuantLinear``,
-``LowRankLinear``...) describe themselves with ``compactml_spec() -> dict`` and rebuild with the
-classmethod ``from_compactml_spec(args)``: add them here as
+rebuilt (by the ``replace`` and ``convert`` transforms of ``compactml.export.transforms``).
+Torch layers read their constructor arguments from their attributes; compactml layers
+(``QuantLinear``, ``LowRankLinear``...) describe themselves with ``compactml_spec() -> dict``
+and rebuild with the classmethod ``from_compactml_spec(args)``: add them here as
 ``SpecLayer("compactml.quantize.modules:QuantLinear")``.
 """
 

@@ -45,6 +45,11 @@ def stored_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
                 f"cannot save: state {name} is a {type(tensor).__name__}, not a tensor; "
                 "store module state as tensors (buffers)"
             )
+        if "::" in name:
+            raise CompactMLError(
+                f"cannot save: state {name} has '::' in its name, which .cml files reserve for "
+                "encoded tensors; rename that parameter or buffer"
+            )
         view = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset())
         view += (tuple(tensor.shape), tensor.stride(), tensor.dtype)
         if tensor.numel() > 0 and view in seen:

@@ -7,6 +7,12 @@ base into the saved model:
 - ``{"op": "replace", "module": "features.0", "spec": {"type": "Conv2d", "args": {...}}}``
   puts a newly built module at that name (a shrunk layer, an ``Identity``, a quantized layer,
   or a module that is new), built from ``MODULE_TYPES`` (``compactml.export.modules``);
+- ``{"op": "convert", "module": "features.0", "spec": {"type": "QuantConv2d", "args": {...}}}``
+  is the same, with ``args`` holding only what differs from the description of the module it
+  replaces (a quantized conv keeps the conv's shapes and strides and adds its scheme; a pruned
+  layer records its new width alone): the module is built from that description updated with
+  ``args``. ``plan_transforms`` writes it when every argument of the old module is one of the
+  new module's too, and ``replace`` otherwise;
 - ``{"op": "delete", "module": "head.drop", "none": false}`` removes a child (or sets it None);
 - ``{"op": "set", "module": "encoder.attn", "attr": "num_heads", "value": 6, "tuple": false}``
   sets a plain attribute (an int, float, bool, str, None, or a tuple/list of those), such as the
@@ -20,7 +26,8 @@ base into the saved model:
   a plain entry of the module's Hugging Face ``config`` (one whose ``to_dict()`` differs from
   the base's), so a pruned model's config describes its smaller layers again after loading.
 
-``plan_transforms`` computes them at save time; ``apply_transforms`` replays them at load time.
+``plan_transforms`` (``compactml.export.planning``) computes them at save time;
+``apply_transforms`` replays them at load time.
 A malformed transform raises ValueError, KeyError or TypeError (the loader reports those as a
 damaged file).
 """
@@ -37,17 +44,15 @@ from compactml.errors import CompactMLError
 from compactml.export.modules import (
     as_json,
     build_module,
-    describe_module,
     handler_for,
     is_plain,
-    plain_attributes,
-    same_structure,
 )
 from compactml.task import tensor_nbytes
 
 # The fields of each transform, besides "op" and "module", and their JSON types.
 TRANSFORM_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "replace": {"spec": dict},
+    "convert": {"spec": dict},
     "delete": {"none": bool},
     "set": {"attr": str, "value": object, "tuple": bool},
     "add_tensor": {"name": str, "kind": str, "shape": list, "dtype": str, "requires_grad": bool},
@@ -93,10 +98,10 @@ def check_transform(op: Any) -> None:
         kind = op.get("op") if isinstance(op, dict) else type(op).__name__
         raise ValueError(f"unknown transform {str(kind)[:40]!r}")
     _check_fields(op)
-    if op["op"] == "replace":
+    if op["op"] in ("replace", "convert"):
         spec = op["spec"]
         if set(spec) != {"type", "args"} or not isinstance(spec["type"], str):
-            raise ValueError("a replace transform's spec must be {type: str, args: object}")
+            raise ValueError(f"a {op['op']} transform's spec must be {{type: str, args: object}}")
         if not isinstance(spec["args"], dict):
             raise TypeError(f"arguments of {spec['type']} must be an object")
     elif op["op"] == "set":
@@ -154,6 +159,25 @@ def _replace(root: nn.Module, name: str, spec: dict[str, Any]) -> nn.Module:
     return root
 
 
+def description(module: nn.Module | None) -> dict[str, Any] | None:
+    """The constructor arguments of ``module`` as ``MODULE_TYPES`` describes them, or None."""
+    handler = None if module is None else handler_for(module)
+    return None if handler is None else handler.describe(module)
+
+
+def full_spec(root: nn.Module, op: dict[str, Any]) -> dict[str, Any]:
+    """The spec of the module a ``replace`` or ``convert`` transform builds; for ``convert``,
+    the description of the module it replaces updated with the transform's args."""
+    if op["op"] == "replace":
+        return op["spec"]
+    base = description(_existing(root, op["module"]))
+    if base is None:
+        raise ValueError(
+            f"module {op['module']!r} cannot be converted: its type has no description"
+        )
+    return {"type": op["spec"]["type"], "args": base | op["spec"]["args"]}
+
+
 def _delete(root: nn.Module, name: str, to_none: bool) -> nn.Module:
     parent, leaf = _parent_of(root, name)
     if to_none:
@@ -200,14 +224,14 @@ def _set(root: nn.Module, name: str, attr: str, value: Any, as_tuple: bool) -> n
     return root
 
 
-def _config_of(module: nn.Module) -> Any:
+def config_of(module: nn.Module) -> Any:
     """The module's Hugging Face-style ``config`` (an object with ``to_dict``), or None."""
     config = vars(module).get("config")
     return config if callable(getattr(config, "to_dict", None)) else None
 
 
 def _set_config(root: nn.Module, name: str, key: str, value: Any) -> nn.Module:
-    config = _config_of(_existing(root, name))
+    config = config_of(_existing(root, name))
     if config is None:
         raise ValueError(f"module {name!r} has no config to set {key!r} in")
     if callable(getattr(type(config), key, None)) or isinstance(
@@ -225,8 +249,8 @@ def apply_transform(root: nn.Module, op: dict[str, Any]) -> nn.Module:
     """
     check_transform(op)
     kind, name = op["op"], op["module"]
-    if kind == "replace":
-        return _replace(root, name, op["spec"])
+    if kind in ("replace", "convert"):
+        return _replace(root, name, full_spec(root, op))
     if kind == "delete":
         return _delete(root, name, op["none"])
     if kind == "set":
@@ -259,14 +283,14 @@ def apply_transforms(
 ) -> nn.Module:
     """Apply ``transforms`` in order to ``root`` (modified in place); returns the root.
 
-    ``max_new_bytes`` bounds the bytes of all modules built by ``replace`` transforms together;
-    a transform that would go beyond it raises ValueError before anything is allocated.
+    ``max_new_bytes`` bounds the bytes of all modules built by ``replace`` and ``convert``
+    transforms; one that would go beyond it raises ValueError before anything is allocated.
     """
     left = max_new_bytes
     for op in transforms:
         check_transform(op)
-        if left is not None and op["op"] == "replace":
-            size = module_nbytes(op["spec"])
+        if left is not None and op["op"] in ("replace", "convert"):
+            size = module_nbytes(full_spec(root, op))
             if size > left:
                 raise ValueError(
                     f"module {op['module']!r} would hold {size} bytes, more than the file "
@@ -275,125 +299,3 @@ def apply_transforms(
             left -= size
         root = apply_transform(root, op)
     return root
-
-
-def _child_changes(name: str, module: nn.Module, current: nn.Module) -> list[dict[str, Any]]:
-    """Delete transforms for the children ``current`` has and ``module`` lacks."""
-    ops = []
-    for child, sub in current._modules.items():
-        missing = child not in module._modules
-        if sub is not None and (missing or module._modules[child] is None):
-            full = f"{name}.{child}" if name else child
-            ops.append({"op": "delete", "module": full, "none": not missing})
-    return ops
-
-
-def _saved_tensors(module: nn.Module) -> dict[str, tuple[str, torch.Tensor | None]]:
-    """Parameters and persistent buffers of ``module`` itself: ``{name: (kind, tensor)}``."""
-    out = {k: ("parameter", t) for k, t in module._parameters.items()}
-    for leaf, tensor in module._buffers.items():
-        if leaf not in module._non_persistent_buffers_set:
-            out[leaf] = ("buffer", tensor)
-    return out
-
-
-def _tensor_changes(name: str, module: nn.Module, current: nn.Module) -> list[dict[str, Any]]:
-    """Add/remove transforms for the tensors ``module`` and ``current`` hold differently."""
-    want, have = _saved_tensors(module), _saved_tensors(current)
-    ops = []
-    for leaf, (kind, tensor) in want.items():
-        old_kind, old = have.get(leaf, (None, None))
-        if tensor is None and old is not None:
-            ops.append({"op": "remove_tensor", "module": name, "name": leaf, "none": True})
-        elif tensor is not None and (old is None or old_kind != kind or old.shape != tensor.shape):
-            ops.append(
-                {"op": "add_tensor", "module": name, "name": leaf, "kind": kind}
-                | {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
-                | {"requires_grad": bool(tensor.requires_grad)}
-            )
-    for leaf in sorted(set(have) - set(want)):
-        ops.append({"op": "remove_tensor", "module": name, "name": leaf, "none": False})
-    return ops
-
-
-def _attribute_changes(name: str, module: nn.Module, current: nn.Module) -> list[dict[str, Any]]:
-    """Set transforms for plain attributes of ``module`` that ``current`` lacks or differs in."""
-    ops = []
-    have = vars(current)
-    for attr, value in plain_attributes(module).items():
-        old = have.get(attr, _MISSING)
-        if old is _MISSING or not is_plain(old) or as_json(old) != as_json(value):
-            as_tuple = isinstance(value, tuple)
-            stored = list(value) if as_tuple else value
-            ops.append(
-                {"op": "set", "module": name, "attr": attr, "value": stored, "tuple": as_tuple}
-            )
-    return ops
-
-
-def _config_changes(name: str, module: nn.Module, current: nn.Module) -> list[dict[str, Any]]:
-    """Set-config transforms for the plain config entries ``module`` and ``current`` differ in
-    (modules sharing one config object are compared once: the first change updates them all)."""
-    want, have = _config_of(module), _config_of(current)
-    if want is None or have is None:
-        return []
-    old = have.to_dict()
-    return [
-        {"op": "set_config", "module": name, "key": key, "value": value}
-        for key, value in sorted(want.to_dict().items())
-        if key.isidentifier()
-        and not key.startswith("_")
-        and is_plain(value)
-        and (key not in old or as_json(old[key]) != as_json(value))
-    ]
-
-
-def _tree(root: nn.Module) -> list[tuple[str, str, str]]:
-    return [
-        (name, type(m).__module__, type(m).__qualname__)
-        for name, m in root.named_modules(remove_duplicate=False)
-    ]
-
-
-def _check_rebuilt(model: nn.Module, rebuilt: nn.Module) -> None:
-    """Raise unless ``rebuilt`` has the module tree and weight shapes of ``model``."""
-    if _tree(model) != _tree(rebuilt):
-        raise CompactMLError(
-            "cannot save: the module tree of the model cannot be rebuilt from its base "
-            "architecture (children were reordered); save a model built by a factory instead"
-        )
-    want, have = model.state_dict(), rebuilt.state_dict()
-    for key in sorted(set(want) | set(have)):
-        shape = tuple(want[key].shape) if key in want else None
-        other = tuple(have[key].shape) if key in have else None
-        if shape != other:
-            raise CompactMLError(
-                f"cannot save: weight {key} is {shape} in the model but {other} in the "
-                "architecture rebuilt from its base; change the layer with a supported module "
-                "(see MODULE_TYPES in compactml/export/modules.py)"
-            )
-
-
-def plan_transforms(model: nn.Module, base: nn.Module) -> list[dict[str, Any]]:
-    """The transforms that turn ``base`` into the architecture of ``model``.
-
-    Walks ``model`` top-down, applying each transform to ``base`` as it is found (so a replaced
-    module's own children are compared with what its constructor built), then checks that the
-    result has the same module tree and weight shapes as ``model``. ``base`` is consumed.
-    """
-    transforms: list[dict[str, Any]] = []
-    rebuilt = base
-    for name, module in model.named_modules(remove_duplicate=False):
-        current = find_module(rebuilt, name)
-        if current is None or not same_structure(module, current):
-            op = {"op": "replace", "module": name, "spec": describe_module(name, module)}
-            rebuilt = apply_transform(rebuilt, op)
-            transforms.append(op)
-            current = find_module(rebuilt, name)
-        changes = _child_changes(name, module, current) + _tensor_changes(name, module, current)
-        changes += _attribute_changes(name, module, current)
-        for op in changes + _config_changes(name, module, current):
-            rebuilt = apply_transform(rebuilt, op)
-            transforms.append(op)
-    _check_rebuilt(model, rebuilt)
-    return transforms

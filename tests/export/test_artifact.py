@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -19,6 +20,8 @@ from compactml.export.artifact import (
     save,
     tensor_sha256,
 )
+from compactml.export.manifest import stored_manifest
+from compactml.export.packing import PACKED_NAME, pack
 from compactml.source import get_path, get_source, load_factory
 
 
@@ -34,21 +37,23 @@ def test_factory_model_round_trips_bit_exact(net, image, tmp_path):
 
 
 def test_file_is_safetensors_with_manifest(net, tmp_path):
+    net.fc2 = nn.Linear(8, 300)  # big enough to be stored on its own
     path = save(net, tmp_path / "net.cml", metrics={"accuracy": 0.75, "n": np.int64(3)})
     state = net.state_dict()
     with safe_open(str(path), "pt") as handle:
         metadata = handle.metadata()
-        assert set(handle.keys()) == set(state)
-        for name in state:
-            assert torch.equal(handle.get_tensor(name), state[name])
-    manifest = json.loads(metadata["compactml.manifest"])
+        assert set(handle.keys()) == {"fc2.weight", PACKED_NAME}  # the rest are small
+        assert torch.equal(handle.get_tensor("fc2.weight"), state["fc2.weight"])
+    manifest = json.loads(stored_manifest(metadata, "net.cml"))
+    assert set(manifest["encodings"]) == set(state) - {"fc2.weight"}
     assert manifest["format"] == "compactml.artifact"
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
     assert manifest["tool_version"] == "0.1.0"
     assert manifest["source"] == get_source(net)
     assert manifest["metrics"] == {"accuracy": 0.75, "n": 3}
     assert manifest["history"] == [] and manifest["aliases"] == {}
-    assert manifest["tensor_sha256"] == tensor_sha256(state)
+    stored, _ = pack(state)
+    assert manifest["tensor_sha256"] == tensor_sha256(stored)
     assert read_manifest(path) == manifest
 
 
@@ -70,11 +75,23 @@ def test_structurally_shrunk_model_round_trips(perturb, net, image, tmp_path):
     path = save(net, tmp_path / "small.cml")
     transforms = read_manifest(path)["transforms"]
     assert [t["module"] for t in transforms] == ["conv", "bn", "act", "fc1", "fc2"]
-    assert {t["op"] for t in transforms} == {"replace"}
+    # A layer of the same kind records only the arguments that changed; ReLU -> Identity all.
+    changes = {t["module"]: (t["op"], t["spec"]["args"]) for t in transforms}
+    assert changes == {
+        "conv": ("convert", {"out_channels": 2}),
+        "bn": ("convert", {"num_features": 2}),
+        "act": ("replace", {}),
+        "fc1": ("convert", {"in_features": 2}),
+        "fc2": ("convert", {"bias": False}),
+    }
     loaded = load(path, trust_factory=True)
     assert loaded.conv.out_channels == 2 and loaded.fc1.in_features == 2
     assert isinstance(loaded.act, nn.Identity) and loaded.fc2.bias is None
     assert torch.equal(loaded(image), net(image))
+    # A skeleton that already has the saved architecture is filled as it is.
+    skeleton = perturb(copy.deepcopy(net), seed=9)
+    assert not torch.equal(skeleton(image), net(image))
+    assert torch.equal(load(path, model=skeleton)(image), net(image))
 
 
 def test_plain_attribute_change_round_trips(net, image, tmp_path):

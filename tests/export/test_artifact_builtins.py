@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from compactml.evaluate import evaluate
-from compactml.export.artifact import load, save
+from compactml.export.artifact import artifact_bytes, load, save
 from compactml.export.signing import generate_keypair
 from compactml.source import get_source
 
@@ -21,6 +21,23 @@ def test_digits_cnn_round_trip_is_bit_exact_and_signed(tmp_path):
         for inputs, _ in task.batches("eval"):
             assert torch.equal(model(inputs), loaded(inputs))
     assert evaluate(loaded, task, reference=model)["agreement"] == 1.0
+
+
+def test_digits_cnn_static_int8_artifact_is_at_most_027x_the_fp32_one(tmp_path):
+    """The header (packed small tensors, compressed manifest) must not eat the 4x of INT8."""
+    from compactml.examples import digits_cnn
+    from compactml.quantize import Static, quantize
+
+    model, task = digits_cnn.load(progress=False)
+    quantized = quantize(model, Static(progress=False, calib_batches=1), task)
+    fp32, int8 = artifact_bytes(model), artifact_bytes(quantized)
+    assert len(int8) <= 0.27 * len(fp32), (len(int8), len(fp32))
+    assert int.from_bytes(int8[:8], "little") < 1024  # the header (6584 bytes at version 1)
+    path = tmp_path / "int8.cml"
+    path.write_bytes(int8)
+    x = task.example_input()
+    with torch.inference_mode():
+        assert torch.equal(load(path)(x), quantized(x))
 
 
 def test_minilm_round_trip_is_bit_exact(tmp_path):

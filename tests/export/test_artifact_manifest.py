@@ -23,6 +23,7 @@ from torch import nn
 import compactml.source
 from compactml.errors import ArtifactError, CompactMLError
 from compactml.export.artifact import load, read_manifest, save
+from compactml.export.manifest import COMPRESSED_MANIFEST_KEY, compress_manifest, stored_manifest
 from compactml.source import load_factory
 
 
@@ -40,12 +41,17 @@ def rewrite_header(path: Path, edit: Callable[[dict[str, str]], None]) -> Path:
 
 
 def rewrite_manifest(path: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
-    """Apply ``edit`` to the manifest of artifact ``path``; the header digest is recomputed."""
+    """Apply ``edit`` to the manifest of artifact ``path`` (kept compressed when it was); the
+    header digest is recomputed."""
 
     def edit_metadata(metadata: dict[str, str]) -> None:
-        manifest = json.loads(metadata["compactml.manifest"])
+        manifest = json.loads(stored_manifest(metadata, str(path)))
         edit(manifest)
-        metadata["compactml.manifest"] = json.dumps(manifest, sort_keys=True)
+        text = json.dumps(manifest, sort_keys=True)
+        if COMPRESSED_MANIFEST_KEY in metadata:
+            metadata[COMPRESSED_MANIFEST_KEY] = compress_manifest(text)
+        else:
+            metadata["compactml.manifest"] = text
 
     return rewrite_header(path, edit_metadata)
 
@@ -105,6 +111,26 @@ CRAFTED = {
         "transform 0 is invalid",
     ),
     "unknown transform": (transform("explode", ""), "newer compactml.*'explode'"),
+    "convert of a module without a description": (
+        transform("convert", "mixer", spec=linear(8, 8)),
+        "cannot rebuild.*'mixer' cannot be converted",
+    ),
+    "convert to a huge layer": (
+        transform("convert", "fc1", spec=linear(2**16, 2**16)),
+        "would hold",
+    ),
+    "convert with an argument the type lacks": (
+        transform("convert", "fc1", spec={"type": "Linear", "args": {"kernel_size": 3}}),
+        "cannot rebuild.*unknown arguments",
+    ),
+    "packed tensor past the blob": (
+        lambda m: m["encodings"]["fc1.bias"].update(shape=[9]),
+        "damaged.*packed tensors run past the end",
+    ),
+    "packed tensor of another dtype": (
+        lambda m: m["encodings"]["fc1.bias"].update(dtype="float16"),
+        "damaged.*::packed holds",
+    ),
     "builtin source without name": (
         lambda m: m.update(source={"kind": "builtin"}),
         "builtin source's 'name'",
@@ -118,7 +144,7 @@ CRAFTED = {
     "format_version true": (lambda m: m.update(format_version=True), "format version True"),
     "format_version 0": (lambda m: m.update(format_version=0), "format version 0"),
     "format_version text": (lambda m: m.update(format_version="1"), "format version 1 is not"),
-    "newer format_version": (lambda m: m.update(format_version=2), "newer compactml"),
+    "newer format_version": (lambda m: m.update(format_version=3), "newer compactml"),
     "unknown manifest field": (lambda m: m.update(extra=1), "newer compactml.*'extra'"),
     "missing manifest field": (lambda m: m.pop("aliases"), "'aliases' is missing"),
     "alias to a number": (lambda m: m.update(aliases={"fc1.bias": 5}), "alias"),

@@ -15,7 +15,8 @@ from compactml.errors import CompactMLError
 from compactml.export import modules
 from compactml.export.artifact import load, read_manifest, save
 from compactml.export.modules import MODULE_TYPES, SpecLayer, build_module, describe_module
-from compactml.export.transforms import apply_transforms, plan_transforms
+from compactml.export.planning import plan_transforms
+from compactml.export.transforms import apply_transforms
 
 CUSTOM_LAYER = textwrap.dedent(
     """

@@ -36,15 +36,19 @@ def named_positions(data: bytes) -> dict[str, int]:
     """Positions of interesting bytes: length prefix, JSON structure, manifest, data."""
     header_end = 8 + int.from_bytes(data[:8], "little")
     header = data[:header_end]
+    manifest_at = header.index(b'"compactml.manifest_zlib":"') + 27
+    manifest_end = header.index(b'"', manifest_at)
     return {
         "length prefix low byte": 0,
         "length prefix byte 2": 2,
         "opening brace": 8,
         "metadata key": header.index(b"__metadata__") + 3,
-        "manifest text": header.index(b"tensor_sha256") + 20,
-        "transforms in manifest": header.index(b"transforms"),
+        "manifest key": manifest_at - 10,
+        "start of the compressed manifest": manifest_at,
+        "middle of the compressed manifest": (manifest_at + manifest_end) // 2,
+        "end of the compressed manifest": manifest_end - 1,
         "header digest": header.index(b"compactml.header_sha256") + 28,
-        "tensor dtype": header.index(b'"F32"') + 2,
+        "tensor dtype": header.index(b'"U8"') + 2,
         "tensor shape": header.index(b'"shape":[') + 9,
         "data offsets": header.index(b'"data_offsets":[') + 17,
         "header padding": header_end - 1,

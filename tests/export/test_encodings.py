@@ -137,4 +137,6 @@ def test_a_90_percent_sparse_int8_artifact_is_12x_smaller(tmp_path):
     ratio = dense_bytes / os.path.getsize(tmp_path / "q.cml")
     assert ratio > 12, ratio  # 1 bit of mask + 10% of 8 bits per weight
     encodings = cml.read_manifest(tmp_path / "q.cml")["encodings"]
-    assert {e["kind"] for e in encodings.values()} == {"sparse"}
+    kinds = {name: e["kind"] for name, e in encodings.items()}
+    assert {name for name, kind in kinds.items() if kind == "sparse"} == {"0.qweight", "2.qweight"}
+    assert set(kinds.values()) == {"sparse", "packed"}  # scales, biases and small values
