@@ -250,12 +250,14 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append((f"digits QAT w{bits}a8 drop points", drop, "<=", 0.5))
         ptq = d[f"ptq_static_w{bits}a8"]["drop_points"]
         rows.append((f"digits PTQ static w{bits}a8 drop points (must exceed)", ptq, ">", 0.5))
-    int4 = m["weight_only_4bit_g32_mse_sym"]
+    rows.append(("minilm 8-bit weight-only cosine",
+                 m["weight_only_8bit_per_channel"]["cosine_fidelity"], ">=", 0.999))  # fmt: skip
+    for label in ("sym", "asym"):  # the CLI's int4-weight scheme is the asymmetric one
+        int4 = m[f"weight_only_4bit_g32_mse_{label}"]
+        rows.append((f"minilm 4-bit g32 mse {label} cosine", int4["cosine_fidelity"], ">=", 0.98))
+        rows.append((f"minilm 4-bit g32 mse {label} artifact ratio",
+                     int4["artifact_ratio"], "<=", 0.17))  # fmt: skip
     rows += [
-        ("minilm 8-bit weight-only cosine",
-         m["weight_only_8bit_per_channel"]["cosine_fidelity"], ">=", 0.999),
-        ("minilm 4-bit g32 mse cosine", int4["cosine_fidelity"], ">=", 0.98),
-        ("minilm 4-bit g32 mse artifact ratio", int4["artifact_ratio"], "<=", 0.17),
         ("minilm Dynamic ORT cosine > best ORT quantize_dynamic peer",
          ort_q["compactml_dynamic"]["cosine_fidelity"], ">",
          max(ort_q[p]["cosine_fidelity"] for p in peers)),
