@@ -6,6 +6,9 @@ tokens). Variants:
 
 - ``fp32``: the float model; ``compactml_dynamic``: ``Dynamic(bits=8)`` (per-token uint8
   activations, int8 per-channel weights; :mod:`compactml.export.onnx_dynamic`);
+  ``compactml_dynamic_mixed``: the same with ``per_tensor=MIXED`` (q, k, v and the attention
+  output projection quantize their input per tensor, which ONNX Runtime fuses with the matmul
+  and bias into ``DynamicQuantizeMatMul``; the FFN layers stay per token);
 - ``ort_dynamic`` / ``ort_dynamic_per_channel``: ``onnxruntime.quantization.quantize_dynamic``
   on the same fp32 ONNX file (QInt8 weights, per tensor / per channel);
 - ``torch_dynamic``: ``torch.ao.quantization.quantize_dynamic`` run in PyTorch (its latency is
@@ -57,6 +60,8 @@ from compactml.task import Task
 
 #: ORT's quantize_dynamic variants: name -> per_channel.
 ORT_DYNAMIC = {"ort_dynamic": False, "ort_dynamic_per_channel": True}
+#: Layers of the "mixed" variant quantized per tensor (all-MiniLM-L6-v2 module names).
+MIXED = ("*attention.self.*", "*attention.output.dense")
 
 
 def ort_quantize_dynamic(fp32: Path, folder: Path) -> dict[str, Path]:
@@ -94,6 +99,10 @@ def measure(attention: str, repeats: int, rounds: int) -> dict[str, Any]:
     torch_q = torch_dynamic(model)
     with tempfile.TemporaryDirectory() as folder:
         paths = {"fp32": export(model, Path(folder) / "fp32.onnx", inputs[f"8x{SEQ}"])}
+        paths["compactml_dynamic_mixed"] = export(
+            quantize(model, Dynamic(per_tensor=MIXED)), Path(folder) / "mixed.onnx",
+            inputs[f"8x{SEQ}"],
+        )  # fmt: skip
         paths["compactml_dynamic"] = export(
             quantize(model, Dynamic()), Path(folder) / "dynamic.onnx", inputs[f"8x{SEQ}"]
         )

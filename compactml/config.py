@@ -26,7 +26,9 @@ from compactml.task import Task
 HISTORY_ATTR = "_compactml_history"
 
 
-def _patterns(value: Any, field: str) -> tuple[str, ...]:
+def check_patterns(value: Any, field: str) -> tuple[str, ...]:
+    """``value`` as a tuple of module-name patterns (one string is one pattern); raises
+    CompactMLError for anything else."""
     if isinstance(value, str):
         value = (value,)
     if not isinstance(value, tuple | list) or not all(isinstance(p, str) for p in value):
@@ -85,8 +87,8 @@ class Technique(abc.ABC):
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "include", _patterns(self.include, "include"))
-        object.__setattr__(self, "exclude", _patterns(self.exclude, "exclude"))
+        object.__setattr__(self, "include", check_patterns(self.include, "include"))
+        object.__setattr__(self, "exclude", check_patterns(self.exclude, "exclude"))
 
     def selects(self, name: str) -> bool:
         """True when the module called ``name`` is included and not excluded."""

@@ -34,7 +34,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 from compactml.quantize.dynamic import ACT_QMAX, ACT_ZERO_POINT, AMAX_FLOOR, DynamicQuantLinear
 
@@ -64,6 +64,30 @@ def _quantize_tokens(out: Lowered, x3: str, prefix: str) -> tuple[str, str]:
     return out.node("QuantizeLinear", [t, one, zp], f"{prefix}.act.codes"), scale
 
 
+def _lower_per_tensor(
+    out: Lowered, layer: DynamicQuantLinear, weight: np.ndarray, x: str, y: str, prefix: str
+) -> Lowered:
+    """``activation="tensor"``: ``DynamicQuantizeLinear`` on ``x`` as it is, ``MatMulInteger``
+    with its zero point, then ``Cast * (a_scale * scale_w) + bias``: the pattern ONNX Runtime
+    fuses into one ``DynamicQuantizeMatMul`` (bias included, as a per-tensor scale allows)."""
+    codes, scale, zero = (f"{prefix}.act.{part}" for part in ("codes", "scale", "zero_point"))
+    out.nodes.append(
+        helper.make_node("DynamicQuantizeLinear", [x], [codes, scale, zero], name=codes)
+    )
+    w = out.const(f"{prefix}.weight.codes", np.ascontiguousarray(weight))
+    acc = out.node("MatMulInteger", [codes, w, zero], f"{prefix}.matmul_int")
+    f = out.node("Cast", [acc], f"{prefix}.acc_f", to=TensorProto.FLOAT)
+    ws = out.const(f"{prefix}.weight.scale", layer.qweight_data().scale.float().numpy())
+    both = out.node("Mul", [scale, ws], f"{prefix}.scales")
+    if layer.bias is None:
+        out.node("Mul", [f, both], y)
+        return out
+    h = out.node("Mul", [f, both], f"{prefix}.h")
+    b = out.const(f"{prefix}.bias", layer.bias.detach().float().numpy())
+    out.node("Add", [h, b], y)
+    return out
+
+
 def lower_dynamic_quant_linear(layer: DynamicQuantLinear, x: str, y: str, prefix: str) -> Lowered:
     """``DynamicQuantLinear`` as per-token uint8 quantization + ``MatMulInteger`` + scaling
     (see the module docstring)."""
@@ -73,6 +97,8 @@ def lower_dynamic_quant_linear(layer: DynamicQuantLinear, x: str, y: str, prefix
     q = layer.qweight_data()
     k, n = layer.in_features, layer.out_features
     weight = (q.codes().numpy().astype(np.int16) - q.scheme.mid).astype(np.int8).T  # K x N
+    if layer.activation == "tensor":
+        return _lower_per_tensor(out, layer, weight, x, y, prefix)
     view = out.const(f"{prefix}.tokens_shape", np.array([1, -1, k], np.int64))
     x3 = out.node("Reshape", [x, view], f"{prefix}.tokens")
     codes, scale = _quantize_tokens(out, x3, prefix)

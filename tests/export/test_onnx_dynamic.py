@@ -95,3 +95,31 @@ def test_exports_at_newer_opsets(tmp_path, opset):
     x = tokens_input(2, 5)
     path = export(model, tmp_path / f"m{opset}.onnx", x, opset=opset)
     assert rel_error(cort.run(cort.session(path), x)[0], model(x)) <= 1e-4
+
+
+def test_per_tensor_layers_fuse_into_dynamic_quantize_matmul_with_their_bias(tmp_path):
+    torch.manual_seed(0)
+    model = quantize(Tokens().eval(), Dynamic(per_tensor=("fc1",)))
+    assert model.fc1.activation == "tensor" and model.fc2.activation == "token"
+    x = tokens_input()
+    path = export(model, tmp_path / "m.onnx", x)
+    assert [n.op_type for n in onnx.load(path).graph.node].count("DynamicQuantizeLinear") == 1
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node]
+    assert ops.count("DynamicQuantizeMatMul") == 1 and ops.count("MatMulIntegerToFloat") == 1
+    assert "Add" not in ops  # fc1's bias went into the fused op
+    assert rel_error(cort.run(cort.session(path), x)[0], model(x)) <= 1e-4
+
+
+def test_one_per_tensor_layer_matches_pytorch_within_the_stated_tolerance(tmp_path):
+    torch.manual_seed(0)
+    layer = quantize(nn.Linear(64, 48), Dynamic(per_tensor=("*",)))
+    for i, shape in enumerate(((3, 7, 64), (5, 64), (2, 2, 5, 64))):
+        x = torch.randn(*shape) * 3 + 0.5
+        sess = cort.session(export(layer, tmp_path / f"layer{i}.onnx", x))
+        assert rel_error(cort.run(sess, x)[0], layer(x)) <= ORT_TOLERANCE, shape
+    zero = torch.zeros(2, 2, 5, 64)  # scale 1, zero point 0: exactly the bias
+    assert np.allclose(cort.run(sess, zero)[0], layer.bias.detach().numpy())

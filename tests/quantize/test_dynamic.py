@@ -10,7 +10,13 @@ from compactml.config import history
 from compactml.errors import CompactMLError
 from compactml.export.artifact import load, save
 from compactml.quantize import Dynamic, DynamicQuantLinear, WeightOnly, quantize
-from compactml.quantize.dynamic import WEIGHT_SCHEME, fake_quantize_tokens, quantize_tokens
+from compactml.quantize.dynamic import (
+    WEIGHT_SCHEME,
+    fake_quantize_tensor,
+    fake_quantize_tokens,
+    quantize_tensor,
+    quantize_tokens,
+)
 from compactml.techniques import technique_from_dict, technique_name
 
 
@@ -33,6 +39,22 @@ def test_token_round_trip_error_is_at_most_half_a_step_per_token():
     step = x.abs().amax(-1, keepdim=True) / 127
     assert (err <= step / 2 + 1e-6).all()
     assert err.amax() > 0  # it does quantize
+
+
+def test_tensor_codes_match_hand_computed_values():
+    x = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.1, -0.75]])
+    codes, scale, zero = quantize_tensor(x)
+    # range [-2, 3.1] -> scale 5.1 / 255 = 0.02; zero point round(2 / 0.02) = 100
+    assert scale.item() == pytest.approx(5.1 / 255) and zero.item() == 100
+    assert codes.tolist() == [[150, 0, 125], [100, 255, 62]]  # -0.75 / 0.02 = -37.5 -> -38
+    positive = quantize_tensor(torch.tensor([0.25, 1.0]))  # 0 always in range: zero point 0
+    assert positive[2].item() == 0 and positive[0].tolist() == [64, 255]
+    empty = quantize_tensor(torch.zeros(2, 3))  # all zeros: scale 1, codes 0
+    assert empty[1].item() == 1.0 and empty[2].item() == 0 and not empty[0].any()
+    torch.manual_seed(0)
+    y = torch.randn(4, 7, 96) * 5 + 1
+    err = (fake_quantize_tensor(y) - y).abs()
+    assert err.max() <= quantize_tensor(y)[1] / 2 + 1e-6 and err.max() > 0
 
 
 def make_layer(bias: bool = True) -> tuple[nn.Linear, DynamicQuantLinear]:
@@ -86,6 +108,11 @@ def test_config_validates_bits():
     assert technique_name(Dynamic()) == "dynamic"
     with pytest.raises(CompactMLError, match="unknown parameter"):
         technique_from_dict("dynamic", {"per_token": True})
+    assert Dynamic(per_tensor="*.q").per_tensor == ("*.q",)
+    with pytest.raises(CompactMLError, match="per_tensor must be a list of module-name"):
+        Dynamic(per_tensor=3)
+    with pytest.raises(CompactMLError, match="activation must be one of"):
+        DynamicQuantLinear(8, 4, True, activation="channel")
 
 
 def test_dynamic_replaces_selected_linears_and_leaves_the_input_alone(factory):
@@ -111,10 +138,13 @@ def test_dynamic_on_a_single_layer_and_with_nothing_selected():
         quantize(nn.Sequential(nn.Linear(4, 4)), Dynamic(include=("nothing",)))
 
 
-def test_cml_round_trip_is_bit_exact(factory, tmp_path):
-    q = quantize(factory("tokens"), Dynamic())
+@pytest.mark.parametrize("per_tensor", [(), ("head",)])
+def test_cml_round_trip_is_bit_exact(factory, tmp_path, per_tensor):
+    q = quantize(factory("tokens"), Dynamic(per_tensor=per_tensor))
+    assert q.head.activation == ("tensor" if per_tensor else "token")
     loaded = load(save(q, tmp_path / "d.cml"), trust_factory=True)
     assert isinstance(loaded.proj, DynamicQuantLinear) and repr(loaded) == repr(q)
+    assert loaded.head.activation == q.head.activation and loaded.proj.activation == "token"
     a, b = q.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys()
     assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
