@@ -20,7 +20,8 @@ ONNX Runtime (level 2 optimizations) fuses ``MatMulInteger -> Cast -> Mul(Mul(a_
 b_scale))`` into its contrib ``MatMulIntegerToFloat``, which accepts per-token ``a_scale``
 ``[1, M, 1]`` and per-channel ``b_scale``; the bias ``Add`` comes after the ``Reshape`` so that
 fusion never takes it in as its own bias input (it would then be multiplied by the per-token
-scale). ``DynamicQuantizeMatMul`` is not used: it quantizes activations per tensor.
+scale). ``DynamicQuantizeMatMul`` quantizes activations per tensor: it is what the layers
+with ``activation="tensor"`` (``Dynamic(per_tensor=...)``) become, bias included.
 
 Tolerance: ONNX Runtime sums the integer products exactly and scales once; PyTorch multiplies
 the dequantized values in float32. One layer agrees within :data:`ORT_TOLERANCE` (relative to
@@ -64,58 +65,55 @@ def _quantize_tokens(out: Lowered, x3: str, prefix: str) -> tuple[str, str]:
     return out.node("QuantizeLinear", [t, one, zp], f"{prefix}.act.codes"), scale
 
 
-def _lower_per_tensor(
-    out: Lowered, layer: DynamicQuantLinear, weight: np.ndarray, x: str, y: str, prefix: str
-) -> Lowered:
-    """``activation="tensor"``: ``DynamicQuantizeLinear`` on ``x`` as it is, ``MatMulInteger``
-    with its zero point, then ``Cast * (a_scale * scale_w) + bias``: the pattern ONNX Runtime
-    fuses into one ``DynamicQuantizeMatMul`` (bias included, as a per-tensor scale allows)."""
-    codes, scale, zero = (f"{prefix}.act.{part}" for part in ("codes", "scale", "zero_point"))
-    out.nodes.append(
-        helper.make_node("DynamicQuantizeLinear", [x], [codes, scale, zero], name=codes)
-    )
+def _integer_matmul(
+    out: Lowered, layer: DynamicQuantLinear, codes: str, zero: str, scale: str, prefix: str
+) -> str:
+    """``Cast(MatMulInteger(codes, W, zero)) * (scale * scale_w)``: the pattern ONNX Runtime
+    fuses (into ``MatMulIntegerToFloat``, or ``DynamicQuantizeMatMul`` after a
+    ``DynamicQuantizeLinear``); returns the float output's name."""
+    q = layer.qweight_data()
+    weight = (q.codes().numpy().astype(np.int16) - q.scheme.mid).astype(np.int8).T  # K x N
     w = out.const(f"{prefix}.weight.codes", np.ascontiguousarray(weight))
     acc = out.node("MatMulInteger", [codes, w, zero], f"{prefix}.matmul_int")
     f = out.node("Cast", [acc], f"{prefix}.acc_f", to=TensorProto.FLOAT)
-    ws = out.const(f"{prefix}.weight.scale", layer.qweight_data().scale.float().numpy())
+    ws = out.const(f"{prefix}.weight.scale", q.scale.float().numpy())
     both = out.node("Mul", [scale, ws], f"{prefix}.scales")
+    return out.node("Mul", [f, both], f"{prefix}.h")
+
+
+def _finish(out: Lowered, layer: DynamicQuantLinear, h: str, y: str, prefix: str) -> Lowered:
+    """``y = h + bias`` (or ``h`` itself, through an Identity, without a bias)."""
     if layer.bias is None:
-        out.node("Mul", [f, both], y)
+        out.node("Identity", [h], y)
         return out
-    h = out.node("Mul", [f, both], f"{prefix}.h")
     b = out.const(f"{prefix}.bias", layer.bias.detach().float().numpy())
     out.node("Add", [h, b], y)
     return out
 
 
 def lower_dynamic_quant_linear(layer: DynamicQuantLinear, x: str, y: str, prefix: str) -> Lowered:
-    """``DynamicQuantLinear`` as per-token uint8 quantization + ``MatMulInteger`` + scaling
-    (see the module docstring)."""
+    """``DynamicQuantLinear`` as uint8 quantization + ``MatMulInteger`` + scaling (see the
+    module docstring). With ``activation="tensor"``: ``DynamicQuantizeLinear`` on ``x`` as it
+    is, which ONNX Runtime fuses with the rest, bias included (a per-tensor scale allows it),
+    into one ``DynamicQuantizeMatMul``."""
     from compactml.export.onnx_lowering import Lowered
 
     out = Lowered()
-    q = layer.qweight_data()
-    k, n = layer.in_features, layer.out_features
-    weight = (q.codes().numpy().astype(np.int16) - q.scheme.mid).astype(np.int8).T  # K x N
     if layer.activation == "tensor":
-        return _lower_per_tensor(out, layer, weight, x, y, prefix)
+        codes, scale, zero = (f"{prefix}.act.{part}" for part in ("codes", "scale", "zero_point"))
+        out.nodes.append(
+            helper.make_node("DynamicQuantizeLinear", [x], [codes, scale, zero], name=codes)
+        )
+        return _finish(
+            out, layer, _integer_matmul(out, layer, codes, zero, scale, prefix), y, prefix
+        )
+    k, n = layer.in_features, layer.out_features
     view = out.const(f"{prefix}.tokens_shape", np.array([1, -1, k], np.int64))
     x3 = out.node("Reshape", [x, view], f"{prefix}.tokens")
     codes, scale = _quantize_tokens(out, x3, prefix)
-    w = out.const(f"{prefix}.weight.codes", np.ascontiguousarray(weight))
     zp = out.const(f"{prefix}.act.mm_zero_point", _np_scalar(ACT_ZERO_POINT, np.uint8))
-    acc = out.node("MatMulInteger", [codes, w, zp], f"{prefix}.matmul_int")
-    f = out.node("Cast", [acc], f"{prefix}.acc_f", to=TensorProto.FLOAT)
-    ws = out.const(f"{prefix}.weight.scale", q.scale.float().numpy())
-    both = out.node("Mul", [scale, ws], f"{prefix}.scales")
-    h = out.node("Mul", [f, both], f"{prefix}.h")
+    h = _integer_matmul(out, layer, codes, zp, scale, prefix)
     lead = out.node("Shape", [x], f"{prefix}.lead_shape", end=-1)
     last = out.const(f"{prefix}.out_features", np.array([n], np.int64))
     shape = out.node("Concat", [lead, last], f"{prefix}.out_shape", axis=0)
-    if layer.bias is None:
-        out.node("Reshape", [h, shape], y)
-        return out
-    h = out.node("Reshape", [h, shape], f"{prefix}.h_shaped")
-    b = out.const(f"{prefix}.bias", layer.bias.detach().float().numpy())
-    out.node("Add", [h, b], y)
-    return out
+    return _finish(out, layer, out.node("Reshape", [h, shape], f"{prefix}.h_shaped"), y, prefix)
