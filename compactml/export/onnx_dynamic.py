@@ -66,11 +66,11 @@ def _quantize_tokens(out: Lowered, x3: str, prefix: str) -> tuple[str, str]:
 
 
 def _integer_matmul(
-    out: Lowered, layer: DynamicQuantLinear, codes: str, zero: str, scale: str, prefix: str
+    out: Lowered, layer: DynamicQuantLinear, codes: str, zero: str, scale: str, prefix: str, h: str
 ) -> str:
-    """``Cast(MatMulInteger(codes, W, zero)) * (scale * scale_w)``: the pattern ONNX Runtime
+    """``h = Cast(MatMulInteger(codes, W, zero)) * (scale * scale_w)``: the pattern ONNX Runtime
     fuses (into ``MatMulIntegerToFloat``, or ``DynamicQuantizeMatMul`` after a
-    ``DynamicQuantizeLinear``); returns the float output's name."""
+    ``DynamicQuantizeLinear``); returns ``h``."""
     q = layer.qweight_data()
     weight = (q.codes().numpy().astype(np.int16) - q.scheme.mid).astype(np.int8).T  # K x N
     w = out.const(f"{prefix}.weight.codes", np.ascontiguousarray(weight))
@@ -78,16 +78,19 @@ def _integer_matmul(
     f = out.node("Cast", [acc], f"{prefix}.acc_f", to=TensorProto.FLOAT)
     ws = out.const(f"{prefix}.weight.scale", q.scale.float().numpy())
     both = out.node("Mul", [scale, ws], f"{prefix}.scales")
-    return out.node("Mul", [f, both], f"{prefix}.h")
+    return out.node("Mul", [f, both], h)
 
 
-def _finish(out: Lowered, layer: DynamicQuantLinear, h: str, y: str, prefix: str) -> Lowered:
-    """``y = h + bias`` (or ``h`` itself, through an Identity, without a bias)."""
-    if layer.bias is None:
-        out.node("Identity", [h], y)
-        return out
-    b = out.const(f"{prefix}.bias", layer.bias.detach().float().numpy())
-    out.node("Add", [h, b], y)
+def _before_bias(layer: DynamicQuantLinear, y: str, prefix: str) -> str:
+    """The name of the value the bias is added to: ``y`` itself when there is no bias."""
+    return y if layer.bias is None else f"{prefix}.h_shaped"
+
+
+def _add_bias(out: Lowered, layer: DynamicQuantLinear, y: str, prefix: str) -> Lowered:
+    """``y = h + bias`` when the layer has a bias; returns ``out``."""
+    if layer.bias is not None:
+        b = out.const(f"{prefix}.bias", layer.bias.detach().float().numpy())
+        out.node("Add", [_before_bias(layer, y, prefix), b], y)
     return out
 
 
@@ -99,21 +102,22 @@ def lower_dynamic_quant_linear(layer: DynamicQuantLinear, x: str, y: str, prefix
     from compactml.export.onnx_lowering import Lowered
 
     out = Lowered()
+    h = _before_bias(layer, y, prefix)
     if layer.activation == "tensor":
         codes, scale, zero = (f"{prefix}.act.{part}" for part in ("codes", "scale", "zero_point"))
         out.nodes.append(
             helper.make_node("DynamicQuantizeLinear", [x], [codes, scale, zero], name=codes)
         )
-        return _finish(
-            out, layer, _integer_matmul(out, layer, codes, zero, scale, prefix), y, prefix
-        )
+        _integer_matmul(out, layer, codes, zero, scale, prefix, h)
+        return _add_bias(out, layer, y, prefix)
     k, n = layer.in_features, layer.out_features
     view = out.const(f"{prefix}.tokens_shape", np.array([1, -1, k], np.int64))
     x3 = out.node("Reshape", [x, view], f"{prefix}.tokens")
     codes, scale = _quantize_tokens(out, x3, prefix)
     zp = out.const(f"{prefix}.act.mm_zero_point", _np_scalar(ACT_ZERO_POINT, np.uint8))
-    h = _integer_matmul(out, layer, codes, zp, scale, prefix)
+    flat = _integer_matmul(out, layer, codes, zp, scale, prefix, f"{prefix}.h")
     lead = out.node("Shape", [x], f"{prefix}.lead_shape", end=-1)
     last = out.const(f"{prefix}.out_features", np.array([n], np.int64))
     shape = out.node("Concat", [lead, last], f"{prefix}.out_shape", axis=0)
-    return _finish(out, layer, out.node("Reshape", [h, shape], f"{prefix}.h_shaped"), y, prefix)
+    out.node("Reshape", [flat, shape], h)
+    return _add_bias(out, layer, y, prefix)
