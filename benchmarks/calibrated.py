@@ -9,7 +9,8 @@ embeddings and norms stay float, with the task's 128 calibration sequences:
 1. weight-only 4 and 3 bits at group 64 and 128: round-to-nearest (``WeightOnly``), ``GPTQ``
    (and GPTQ with ``act_order`` at group 64), ``AWQ``;
 2. 50% unstructured and 2:4 sparsity: magnitude (``Magnitude`` per layer / ``NM``), ``Wanda``,
-   ``SparseGPT``;
+   ``SparseGPT``; for tiny-llama also 50% with the LM head left dense (``sparse_blocks``: the
+   decoder blocks only, as both papers prune);
 3. W8A8: plain ``Static`` INT8 against ``SmoothQuant`` (alpha 0.5) then static INT8, each with
    the minmax and the percentile activation observer.
 
@@ -139,10 +140,31 @@ def llama_rows() -> dict[str, Any]:
         return {"perplexity": float(cml.evaluate(m, task)["perplexity"])}
 
     rows = run_model("tiny-llama", model, task, quality)
+    rows["sparse_blocks"] = blocks_only_sparse(model, task, quality)
     base = rows["fp32"]["perplexity"]
-    for section in ("weight_only", "sparse", "w8a8"):
+    for section in ("weight_only", "sparse", "sparse_blocks", "w8a8"):
         for row in rows[section].values():
             row["error"] = row["perplexity"] - base
+    return rows
+
+
+def blocks_only_sparse(
+    model: nn.Module, task: Task, quality: Callable[[nn.Module], dict[str, float]]
+) -> dict[str, Any]:
+    """50% unstructured sparsity of the decoder blocks' Linear layers only, the LM head left
+    dense, as the Wanda and SparseGPT papers prune: magnitude, Wanda and SparseGPT."""
+    blocks = {"include": tuple(n for n in linears(model) if "lm_head" not in n)}
+    variants: dict[str, Technique] = {
+        "50%_magnitude": cml.Magnitude(sparsity=0.5, **blocks),
+        "50%_wanda": cml.Wanda(sparsity=0.5, progress=False, **blocks),
+        "50%_sparsegpt": cml.SparseGPT(sparsity=0.5, progress=False, **blocks),
+    }
+    rows = {}
+    for key, config in variants.items():
+        out, wall, cpu = timed(lambda c=config: cml.prune(model, c, task))
+        rows[key] = {**quality(out), "wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}
+        rows[key]["sparsity"] = cml.sparsity(out).total
+        print(f"  sparse_blocks {key}: {rows[key]}", flush=True)
     return rows
 
 
@@ -201,6 +223,12 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
                 ratio(rows, "sparse", f"50%_{method}", "50%_magnitude"),
                 0.5,
             )
+    for method in ("wanda", "sparsegpt"):
+        check(
+            f"tiny-llama {method} 50% error / magnitude, LM head dense (papers' protocol)",
+            ratio(llama, "sparse_blocks", f"50%_{method}", "50%_magnitude"),
+            0.5,
+        )
     gptq = lm.get("weight_only", {}).get("w4_g64_gptq")
     check("minilm GPTQ 4-bit g64 wall seconds", None if gptq is None else gptq["wall_s"], 60.0)
     return checks

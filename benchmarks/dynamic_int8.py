@@ -9,6 +9,9 @@ tokens). Variants:
   ``compactml_dynamic_mixed``: the same with ``per_tensor=MIXED`` (q, k, v and the attention
   output projection quantize their input per tensor, which ONNX Runtime fuses with the matmul
   and bias into ``DynamicQuantizeMatMul``; the FFN layers stay per token);
+  ``compactml_dynamic_auto``: ``Dynamic(per_tensor="auto")``, the per-tensor layers chosen on
+  the task's calibration batches (:mod:`compactml.quantize.dynamic_choice`; the choice is
+  written to the JSON as ``auto_choice``);
 - ``ort_dynamic`` / ``ort_dynamic_per_channel``: ``onnxruntime.quantization.quantize_dynamic``
   on the same fp32 ONNX file (QInt8 weights, per tensor / per channel);
 - ``torch_dynamic``: ``torch.ao.quantization.quantize_dynamic`` run in PyTorch (its latency is
@@ -51,6 +54,7 @@ from common import (
 from onnx_weight_only import SEQ, token_batch
 from torch import nn
 
+from compactml.config import history
 from compactml.evaluate import evaluate
 from compactml.examples import minilm
 from compactml.export import ort as cort
@@ -103,6 +107,11 @@ def measure(attention: str, repeats: int, rounds: int) -> dict[str, Any]:
             quantize(model, Dynamic(per_tensor=MIXED)), Path(folder) / "mixed.onnx",
             inputs[f"8x{SEQ}"],
         )  # fmt: skip
+        auto = quantize(model, Dynamic(per_tensor="auto", progress=False), task)
+        paths["compactml_dynamic_auto"] = export(
+            auto, Path(folder) / "auto.onnx", inputs[f"8x{SEQ}"]
+        )
+        chosen = history(auto)[-1]
         paths["compactml_dynamic"] = export(
             quantize(model, Dynamic()), Path(folder) / "dynamic.onnx", inputs[f"8x{SEQ}"]
         )
@@ -119,7 +128,13 @@ def measure(attention: str, repeats: int, rounds: int) -> dict[str, Any]:
             add_speedups(latency[size], "torch_fp32", ["torch_fp32", "torch_dynamic"])
         sizes = {name: p.stat().st_size for name, p in paths.items()}
     fidelity["torch_dynamic"] = quality(torch_q, task)
-    return {"latency": latency, "quality": fidelity, "onnx_bytes": sizes}
+    auto_choice = {"per_tensor": chosen["per_tensor"], **chosen["selection"]}
+    return {
+        "latency": latency,
+        "quality": fidelity,
+        "onnx_bytes": sizes,
+        "auto_choice": auto_choice,
+    }
 
 
 def main(repeats: int = 10, rounds: int = 3) -> None:

@@ -18,7 +18,9 @@ faster in ONNX Runtime than a per-axis one (which needs a zero point per token) 
 
 ONNX Runtime (level 2 optimizations) fuses ``MatMulInteger -> Cast -> Mul(Mul(a_scale,
 b_scale))`` into its contrib ``MatMulIntegerToFloat``, which accepts per-token ``a_scale``
-``[1, M, 1]`` and per-channel ``b_scale``; the bias ``Add`` comes after the ``Reshape`` so that
+``[1, M, 1]`` and per-channel ``b_scale`` (the ``[1, M, K]`` view is needed: with a
+``[B, T, K]`` input left as it is, ``a_scale`` ``[B, T, 1]``, ONNX Runtime 1.32's fused kernel
+was 2% off for ``B > 1``); the bias ``Add`` comes after the ``Reshape`` so that
 fusion never takes it in as its own bias input (it would then be multiplied by the per-token
 scale). ``DynamicQuantizeMatMul`` quantizes activations per tensor: it is what the layers
 with ``activation="tensor"`` (``Dynamic(per_tensor=...)``) become, bias included.

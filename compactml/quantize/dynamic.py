@@ -32,7 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compactml.config import Technique, check_patterns, matches, record
+from compactml.config import (
+    Technique,
+    check_bools,
+    check_patterns,
+    check_positive_ints,
+    matches,
+    record,
+)
 from compactml.errors import CompactMLError
 from compactml.quantize.affine import PerChannel, QScheme, scheme_from_dict
 from compactml.quantize.modules import QuantWeightMixin, _bias_from, linear_spec
@@ -51,6 +58,8 @@ AMAX_FLOOR = 2.0**-100
 SUPPORTED_BITS = (8,)
 #: How activations are scaled: one scale per token (row), or one for the whole input.
 ACTIVATIONS = ("token", "tensor")
+#: ``Dynamic(per_tensor=AUTO)`` chooses the per-tensor layers from calibration data.
+AUTO = "auto"
 
 
 def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,6 +206,14 @@ class Dynamic(Technique):
             into one ``DynamicQuantizeMatMul`` (fewer, faster ops; less exact where tokens'
             ranges differ). On all-MiniLM-L6-v2, ``("*attention.self.*",)`` (q, k, v) kept
             the cosine fidelity (0.9977) while every layer per tensor gave 0.9931.
+            ``"auto"`` chooses them from ``task.calib`` instead
+            (:mod:`compactml.quantize.dynamic_choice`): as many layers as possible, cheapest
+            first, while the model's output error stays within ``tolerance``.
+        tolerance: with ``per_tensor="auto"``, how much the model's relative output error on
+            ``task.calib`` (against the float model) may grow over all-per-token, as a
+            fraction (0.1: at most 10% more).
+        calib_batches: with ``per_tensor="auto"``, batches of ``task.calib`` to use (None: all).
+        progress: with ``per_tensor="auto"``, show a progress bar over the calibration batches.
         include, exclude: fnmatch patterns on module names.
 
     Exported to ONNX as ``MatMulInteger`` on uint8 activations and int8 weights
@@ -208,11 +225,26 @@ class Dynamic(Technique):
     family = "quantize"
     level = "bits"
     bits: int = 8
-    per_tensor: tuple[str, ...] = ()
+    per_tensor: tuple[str, ...] | str = ()
+    tolerance: float = 0.1
+    calib_batches: int | None = None
+    progress: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "per_tensor", check_patterns(self.per_tensor, "per_tensor"))
+        if self.per_tensor != AUTO:
+            patterns = check_patterns(self.per_tensor, "per_tensor")
+            object.__setattr__(self, "per_tensor", patterns)
+        tolerance = self.tolerance
+        if isinstance(tolerance, bool) or not isinstance(tolerance, int | float):
+            tolerance = None
+        if tolerance is None or not 0 <= tolerance <= 100:
+            raise CompactMLError(
+                f"tolerance must be a number from 0 to 100 (a fraction: 0.05 allows 5% more "
+                f"output error), got {self.tolerance!r}"
+            )
+        check_positive_ints(self, "calib_batches")
+        check_bools(self, "progress")
         if type(self.bits) is not int or self.bits not in SUPPORTED_BITS:
             raise CompactMLError(
                 f"Dynamic supports 8 bits only, got bits={self.bits!r}; use bits=8, or "
@@ -221,7 +253,11 @@ class Dynamic(Technique):
 
     def apply(self, model: nn.Module, task: Task | None = None) -> nn.Module:
         """A copy of ``model`` whose selected Linear layers are :class:`DynamicQuantLinear`
-        (``task`` is not needed)."""
+        (``task`` is only needed, for its calib batches, with ``per_tensor="auto"``)."""
+        if self.per_tensor == AUTO:
+            from compactml.quantize.dynamic_choice import check_task
+
+            check_task(task)
         new = self.copy_model(model)
         chosen = self.targets(new, (nn.Linear,))
         if not chosen:
@@ -231,15 +267,23 @@ class Dynamic(Technique):
                 "module names"
             )
         names = {id(layer): name for name, layer in chosen}
+        patterns = () if self.per_tensor == AUTO else self.per_tensor
         built, skipped = build_layers(
             chosen,
             lambda layer: DynamicQuantLinear.from_float(
-                layer, "tensor" if matches(names[id(layer)], self.per_tensor) else "token"
+                layer, "tensor" if matches(names[id(layer)], patterns) else "token"
             ),
         )
         check_some_built(built, skipped)
         for name, layer in built.items():
             new = set_layer(new, name, layer)
+        details = None
+        if self.per_tensor == AUTO:
+            from compactml.quantize.dynamic_choice import choose_per_tensor
+
+            _, details = choose_per_tensor(
+                model, new, built, task, self.tolerance, self.calib_batches, self.progress
+            )
         warn_skipped(self, skipped)
-        record(new, self, list(built), skipped)
+        record(new, self, list(built), skipped, details)
         return new

@@ -266,6 +266,7 @@ def test_quantize_int8_static_keeps_accuracy(cli, tmp_path):
         ("int4-gptq", "GPTQ", {"QuantLinear"}),
         ("int4-awq", "AWQ", {"QuantLinear", "ScaledInput"}),  # ScaledInput wraps a QuantLinear
         ("int8-smoothquant", "SmoothQuant", {"QuantLinear", "QuantConv2d"}),
+        ("int8-dynamic-auto", "Dynamic", {"DynamicQuantLinear"}),
     ],
 )
 def test_calibrated_schemes_are_quiet_with_json(capsys, tmp_path, scheme, technique, layer):
