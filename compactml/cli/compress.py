@@ -78,7 +78,23 @@ def _compare_notes(original: dict, quantized: dict, net, scheme: str) -> list[st
     for entry in history(net):
         for layer, reason in entry["skipped"].items():
             notes.append(f"{entry['technique']} left {layer} in float: {reason}")
+        if "selection" in entry and "per_tensor" in entry:
+            notes.append(_per_tensor_note(entry))
     return notes
+
+
+def _per_tensor_note(entry: dict) -> str:
+    """What ``Dynamic(per_tensor="auto")`` chose, from its history entry."""
+    chosen, found = entry["per_tensor"], entry["selection"]
+    base, error = found["output_error_per_token"], found["output_error"]
+    growth = f"{error / base - 1:+.1%}" if base > 0 else "unchanged"
+    names = ", ".join(chosen) if chosen else "none"
+    return (
+        f"{entry['technique']}: {len(chosen)} of {len(entry['changed'])} layers quantize "
+        f"activations per tensor, chosen on calibration data ({found['measure']}: "
+        f"{error:.3g}, {growth} over all per token; tolerance "
+        f"{found['tolerance']:.0%}): {names}."
+    )
 
 
 def _onnx_notes(net, quantized, example, onnx_path: Path) -> list[str]:

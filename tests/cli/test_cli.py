@@ -282,3 +282,8 @@ def test_calibrated_schemes_are_quiet_with_json(capsys, tmp_path, scheme, techni
     done = [h for h in history(model) if h["technique"] == technique]
     assert done and done[0]["changed"]
     assert layer & {type(model.get_submodule(n)).__name__ for n in done[0]["changed"]}
+    if scheme == "int8-dynamic-auto":  # the report names the layers chosen per tensor
+        chosen = done[0]["per_tensor"]
+        note = next(n for n in report["notes"] if "quantize activations per tensor" in n)
+        assert f"{len(chosen)} of {len(done[0]['changed'])} layers" in note
+        assert all(name in note for name in chosen)
