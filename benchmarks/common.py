@@ -101,13 +101,17 @@ def interleaved(timers: dict[str, Callable[[], float]], rounds: int) -> dict[str
 
 
 def add_speedups(latency: dict[str, dict], base: str, names: list[str] | None = None) -> None:
-    """Add ``speedup_vs_<base>`` (base median / variant median, > 1 is faster) and
-    ``best_round_speedup_vs_<base>`` to each of ``names`` (default: all) in place."""
+    """Add ``speedup_vs_<base>`` (base median / variant median, > 1 is faster),
+    ``best_round_speedup_vs_<base>`` and ``paired_speedup_vs_<base>`` (the median over rounds
+    of the ratio within each round: a burst of load on a shared machine slows both sides of
+    one round, so this one moves least) to each of ``names`` (default: all) in place."""
     ref = latency[base]
     for name in names or list(latency):
         stats = latency[name]
         stats[f"speedup_vs_{base}"] = ref["median_ms"] / stats["median_ms"]
         stats[f"best_round_speedup_vs_{base}"] = ref["best_round_ms"] / stats["best_round_ms"]
+        pairs = zip(ref["round_medians_ms"], stats["round_medians_ms"], strict=True)
+        stats[f"paired_speedup_vs_{base}"] = statistics.median(b / v for b, v in pairs)
 
 
 class OrtModule(nn.Module):
