@@ -93,7 +93,7 @@ def _per_tensor_note(entry: dict) -> str:
         f"{entry['technique']}: {len(chosen)} of {len(entry['changed'])} layers quantize "
         f"activations per tensor, chosen on calibration data ({found['measure']}: "
         f"{error:.3g}, {growth} over all per token; tolerance "
-        f"{found['tolerance']:.0%}): {names}."
+        f"{found['tolerance'] * 100:.4g}%): {names}."
     )
 
 

@@ -60,6 +60,8 @@ SUPPORTED_BITS = (8,)
 ACTIVATIONS = ("token", "tensor")
 #: ``Dynamic(per_tensor=AUTO)`` chooses the per-tensor layers from calibration data.
 AUTO = "auto"
+#: ``Dynamic.tolerance`` by default: at most 10% more output error than all per token.
+AUTO_TOLERANCE = 0.1
 
 
 def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,7 +198,8 @@ class DynamicQuantLinear(QuantWeightMixin, nn.Module):
 @dataclasses.dataclass(frozen=True)
 class Dynamic(Technique):
     """Dynamic INT8 quantization of linear layers: int8 per-channel weights, activations
-    quantized per token when the layer runs (no calibration data).
+    quantized per token when the layer runs (no calibration data, except to choose
+    ``per_tensor="auto"`` layers).
 
     Args:
         bits: 8 (the only width: integer kernels multiply 8-bit activations by 8-bit weights).
@@ -226,7 +229,7 @@ class Dynamic(Technique):
     level = "bits"
     bits: int = 8
     per_tensor: tuple[str, ...] | str = ()
-    tolerance: float = 0.1
+    tolerance: float = AUTO_TOLERANCE
     calib_batches: int | None = None
     progress: bool = True
 
@@ -245,6 +248,12 @@ class Dynamic(Technique):
             )
         check_positive_ints(self, "calib_batches")
         check_bools(self, "progress")
+        tuned = self.tolerance != AUTO_TOLERANCE or self.calib_batches is not None
+        if self.per_tensor != AUTO and tuned:
+            raise CompactMLError(
+                "tolerance and calib_batches choose the per-tensor layers; they apply only with "
+                "per_tensor='auto' (fixed patterns need no calibration data)"
+            )
         if type(self.bits) is not int or self.bits not in SUPPORTED_BITS:
             raise CompactMLError(
                 f"Dynamic supports 8 bits only, got bits={self.bits!r}; use bits=8, or "

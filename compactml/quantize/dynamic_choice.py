@@ -8,11 +8,14 @@ single quantization of it. It is less exact where the tokens' ranges differ, whi
 after GELU and in attention outputs. The choice is made in two steps, both on ``task.calib``:
 
 1. **Cost per layer.** One pass with every layer per token. For each layer and its actual
-   input ``x``, with ``y = x W^T`` (the int8 weight dequantized, so only activation error
-   counts), the cost is what per-tensor quantization adds to the layer's relative output error:
-   ``(||y_tensor - y||^2 - ||y_token - y||^2) / ||y||^2``, summed over the batches. Layers
-   called one after the other on the same tensor object form a group that is decided together
-   (its cost is its worst member's): they share one quantization in the exported graph.
+   input ``x``, the cost is what per-tensor quantization adds to the layer's relative output
+   error: ``(||(q_tensor(x) - x) W^T||^2 - ||(q_token(x) - x) W^T||^2) / ||y||^2``, with ``W``
+   the dequantized int8 weight (only activation error counts) and ``y`` the layer's output,
+   summed over the batches. Layers called one after the other on the same tensor object form
+   a group that is decided together (its cost is its worst member's): in the exported graph
+   their quantization nodes are identical, and ONNX Runtime merges them into one. Errors
+   count real tokens only (the batch's ``attention_mask``); a layer that never ran, or whose
+   cost is not finite, stays per token and is listed as such.
 2. **Cheapest first, within the tolerance.** Groups are sorted by cost. A set of groups *fits*
    when the model with them per tensor has a relative output error against the float model
    (``sum ||f - f_ref||^2 / sum ||f_ref||^2``, as in sensitivity scans) of at most
@@ -39,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compactml.calib.capture import RUN_ERRORS
+from compactml.calib.capture import RUN_ERRORS, token_mask
 from compactml.errors import CompactMLError, first_line
 from compactml.progress import progress_bar
 from compactml.quantize.dynamic import (
@@ -56,20 +59,35 @@ PATIENCE = 2
 
 
 class _Costs:
-    """Forward hooks that add up each layer's cost and group the layers sharing an input."""
+    """Forward hooks that add up each layer's cost and group the layers sharing an input.
+
+    Errors are summed over the real tokens of the batch (``new_batch``'s mask; padding
+    positions still take part in the per-tensor range, as they do at run time)."""
 
     def __init__(self, layers: dict[str, DynamicQuantLinear]) -> None:
         self.sums = {name: torch.zeros(3, dtype=torch.float64) for name in layers}
+        self.calls = dict.fromkeys(layers, 0)
         self.parent = {name: name for name in layers}
         self._last: tuple[torch.Tensor, str] | None = None
+        self._mask: torch.Tensor | None = None
         self.handles = [
             layer.register_forward_hook(self._hook(name)) for name, layer in layers.items()
         ]
+
+    def new_batch(self, inputs: Any) -> None:
+        """Start a batch: its real-token mask; no group spans two batches."""
+        self._last, self._mask = None, token_mask(inputs)
 
     def _root(self, name: str) -> str:
         while self.parent[name] != name:
             name = self.parent[name]
         return name
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        mask = self._mask
+        if mask is None or t.dim() < 3 or tuple(t.shape[:2]) != tuple(mask.shape):
+            return t
+        return t[mask.to(t.device)]
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: DynamicQuantLinear, args: tuple, output: Any) -> None:
@@ -78,31 +96,37 @@ class _Costs:
                 self.parent[self._root(name)] = self._root(self._last[1])
             self._last = (x, name)
             xf, w = x.float(), module.weight.float()
-            ref = F.linear(xf, w)
-            token = (F.linear(fake_quantize_tokens(xf), w) - ref).square().sum()
-            tensor = (F.linear(fake_quantize_tensor(xf), w) - ref).square().sum()
-            sums = torch.stack([token, tensor, ref.square().sum()]).double()
-            self.sums[name] += sums
+            # the output errors are the weight times the input errors: two matmuls
+            token = self._rows(F.linear(fake_quantize_tokens(xf) - xf, w))
+            tensor = self._rows(F.linear(fake_quantize_tensor(xf) - xf, w))
+            norm = self._rows(output.float()).square().sum()
+            self.sums[name] += torch.stack([token.square().sum(), tensor.square().sum(), norm])
+            self.calls[name] += 1
 
         return hook
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
-        self._last = None
+        self._last = self._mask = None
 
     def cost(self, name: str) -> float:
-        """The layer's added relative error (``inf`` when not finite, so it is never chosen)."""
+        """The layer's added relative error; ``inf`` when it never ran or is not finite."""
         token, tensor, norm = (float(v) for v in self.sums[name])
-        value = (tensor - token) / max(norm, 1e-30)
+        value = (tensor - token) / max(norm, 1e-30) if self.calls[name] else math.inf
         return value if math.isfinite(value) else math.inf
 
-    def groups(self) -> list[list[str]]:
-        """Groups of layer names (model order), cheapest group first."""
+    def groups(self) -> tuple[list[list[str]], list[str]]:
+        """Groups of layer names (model order), cheapest first, and the layers left out of
+        the choice because they never ran on the calibration data or their cost is not
+        finite (they stay per token)."""
         found: dict[str, list[str]] = {}
         for name in self.parent:
             found.setdefault(self._root(name), []).append(name)
-        return sorted(found.values(), key=lambda g: max(self.cost(n) for n in g))
+        costs = {root: max(self.cost(n) for n in group) for root, group in found.items()}
+        usable = [found[root] for root in sorted(found, key=costs.get) if costs[root] < math.inf]
+        left = [n for root, group in found.items() if costs[root] == math.inf for n in group]
+        return usable, left
 
 
 def check_task(task: Task | None) -> None:
@@ -119,12 +143,15 @@ def _measure_costs(
     progress: bool,
 ) -> _Costs:  # fmt: skip
     """Run ``model`` (every layer per token) over the calibration batches with cost hooks."""
+    data = list(task.batches("calib", batches))
+    if not data:
+        raise CompactMLError(f"the task's calib data is empty; {WHO} needs calibration batches")
     costs = _Costs(layers)
     try:
         with eval_mode(model), torch.inference_mode():
-            data = list(task.batches("calib", batches))
             for batch in progress_bar(data, f"{WHO}: layer costs", enabled=progress):
                 inputs = split_batch(batch)[0]
+                costs.new_batch(inputs)
                 try:
                     task.run(model, inputs)
                 except RUN_ERRORS as exc:
@@ -135,8 +162,6 @@ def _measure_costs(
                     ) from exc
     finally:
         costs.remove()
-    if not data:
-        raise CompactMLError(f"the task's calib data is empty; {WHO} needs calibration batches")
     return costs
 
 
@@ -160,16 +185,25 @@ def choose_per_tensor(
     for layer in layers.values():
         layer.activation = "token"
     costs = _measure_costs(model, layers, task, batches, progress)
-    order = costs.groups()
+    order, left_out = costs.groups()
     scorer = OutputError(reference, task, batches)
 
-    def error(selected: set[int]) -> float:
+    def choose(selected: set[int]) -> None:
         for i, group in enumerate(order):
             for name in group:
                 layers[name].activation = "tensor" if i in selected else "token"
+
+    def error(selected: set[int]) -> float:
+        choose(selected)
         return scorer.value(model)
 
     base = error(set())
+    if not math.isfinite(base):
+        raise CompactMLError(
+            f"{WHO}: the output error of the per-token model on task.calib is not finite "
+            f"({base}); check that the model's outputs on the calibration batches are finite, "
+            "or give per_tensor as module-name patterns"
+        )
     limit = base * (1.0 + tolerance)
     evaluated = 1
 
@@ -202,7 +236,7 @@ def choose_per_tensor(
             misses += 1
             if misses == PATIENCE:
                 break
-    error(selected)
+    choose(selected)
     chosen = [name for name in layers if layers[name].activation == "tensor"]
     summary = {
         "per_tensor": chosen,
@@ -214,6 +248,7 @@ def choose_per_tensor(
             "groups": len(order),
             "groups_per_tensor": len(selected),
             "candidates_evaluated": evaluated,
+            "left_per_token": left_out,
         },
     }
     return chosen, summary

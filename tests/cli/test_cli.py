@@ -285,5 +285,7 @@ def test_calibrated_schemes_are_quiet_with_json(capsys, tmp_path, scheme, techni
     if scheme == "int8-dynamic-auto":  # the report names the layers chosen per tensor
         chosen = done[0]["per_tensor"]
         note = next(n for n in report["notes"] if "quantize activations per tensor" in n)
-        assert f"{len(chosen)} of {len(done[0]['changed'])} layers" in note
+        assert chosen and f"{len(chosen)} of {len(done[0]['changed'])} layers" in note
         assert all(name in note for name in chosen)
+        modes = {n: model.get_submodule(n).activation for n in done[0]["changed"]}
+        assert [n for n, mode in modes.items() if mode == "tensor"] == chosen

@@ -114,6 +114,33 @@ def test_per_tensor_layers_fuse_into_dynamic_quantize_matmul_with_their_bias(tmp
     assert rel_error(cort.run(cort.session(path), x)[0], model(x)) <= 1e-4
 
 
+class Shared(nn.Module):
+    """Three Linear layers reading one input, as q, k and v do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(64, 32) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q(x) * self.k(x) + self.v(x)
+
+
+def test_per_tensor_layers_reading_one_input_share_its_quantization_in_onnx_runtime(tmp_path):
+    """What Dynamic(per_tensor="auto") relies on when it decides such layers together: their
+    DynamicQuantizeLinear nodes are identical, and ONNX Runtime keeps one."""
+    torch.manual_seed(0)
+    model = quantize(Shared().eval(), Dynamic(per_tensor=("*",)))
+    x = tokens_input()
+    path = export(model, tmp_path / "m.onnx", x)
+    assert [n.op_type for n in onnx.load(path).graph.node].count("DynamicQuantizeLinear") == 3
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node]
+    assert ops.count("DynamicQuantizeLinear") == 1 and ops.count("MatMulIntegerToFloat") == 3
+    assert rel_error(cort.run(cort.session(path), x)[0], model(x)) <= 1e-4
+
+
 def test_one_per_tensor_layer_matches_pytorch_within_the_stated_tolerance(tmp_path):
     torch.manual_seed(0)
     layer = quantize(nn.Linear(64, 48), Dynamic(per_tensor=("*",)))
