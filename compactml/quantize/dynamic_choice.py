@@ -174,8 +174,8 @@ def choose_per_tensor(
     batches: int | None = None,
     progress: bool = True,
 ) -> tuple[list[str], dict[str, Any]]:
-    """Set ``activation="tensor"`` on the longest cheapest-first prefix of ``layers``' groups
-    that keeps ``model``'s output error against ``reference`` (the float model) within
+    """Set ``activation="tensor"`` on as many of ``layers``' groups as fit, cheapest first:
+    ``model``'s output error against ``reference`` (the float model) stays within
     ``(1 + tolerance)`` of the all-per-token error (see the module docstring).
 
     ``model`` holds ``layers`` (all per token on entry) and is changed in place. Returns the
@@ -212,7 +212,7 @@ def choose_per_tensor(
 
     # 1. Bisection over prefixes: ``good`` fits (the empty prefix does), ``bad`` does not.
     good, bad, best = 0, len(order) + 1, base
-    candidates = [len(order)]
+    candidates = [len(order)] if order else []
     while candidates:
         count = candidates.pop()
         value = error(set(range(count)))
