@@ -116,16 +116,22 @@ def run_model(
     for section, variants in configs(layers).items():
         rows[section] = {}
         for key, config in variants.items():
-            apply = cml.prune if config.family == "prune" else cml.quantize
-            out, wall, cpu = timed(lambda c=config, a=apply: a(model, c, task))
-            row = quality(out)
-            row.update(wall_s=round(wall, 2), cpu_s=round(cpu, 2))
-            if config.family == "prune":
-                row["sparsity"] = cml.sparsity(out).total
-            rows[section][key] = row
-            print(f"  {section} {key}: {row}", flush=True)
-            del out
+            rows[section][key] = measure(model, task, config, quality, f"{section} {key}")
     return rows
+
+
+def measure(
+    model: nn.Module, task: Task, config: Technique,
+    quality: Callable[[nn.Module], dict[str, float]], label: str,
+) -> dict[str, Any]:  # fmt: skip
+    """One variant: its quality, wall and CPU seconds, and sparsity for pruning; printed."""
+    apply = cml.prune if config.family == "prune" else cml.quantize
+    out, wall, cpu = timed(lambda: apply(model, config, task))
+    row = {**quality(out), "wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}
+    if config.family == "prune":
+        row["sparsity"] = cml.sparsity(out).total
+    print(f"  {label}: {row}", flush=True)
+    return row
 
 
 def minilm_rows() -> dict[str, Any]:
@@ -159,13 +165,10 @@ def blocks_only_sparse(
         "50%_wanda": cml.Wanda(sparsity=0.5, progress=False, **blocks),
         "50%_sparsegpt": cml.SparseGPT(sparsity=0.5, progress=False, **blocks),
     }
-    rows = {}
-    for key, config in variants.items():
-        out, wall, cpu = timed(lambda c=config: cml.prune(model, c, task))
-        rows[key] = {**quality(out), "wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}
-        rows[key]["sparsity"] = cml.sparsity(out).total
-        print(f"  sparse_blocks {key}: {rows[key]}", flush=True)
-    return rows
+    return {
+        key: measure(model, task, config, quality, f"sparse_blocks {key}")
+        for key, config in variants.items()
+    }
 
 
 def ratio(rows: dict[str, Any], section: str, variant: str, baseline: str) -> float | None:

@@ -207,7 +207,7 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(f"{best}.{i}", child) for i, child in enumerate(model.get_submodule(best))]
 
 
-def _run_checked(model: nn.Module, task: Task, inputs: Any, who: str) -> None:
+def run_checked(model: nn.Module, task: Task, inputs: Any, who: str) -> None:
     """``task.run(model, inputs)``; a failure names the batch's shapes (the capture stop
     passes through)."""
     try:
@@ -295,7 +295,7 @@ def _runs_in_sequence(model: nn.Module, blocks: list, task: Task, inputs: Any, w
         handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
         handles.append(block.register_forward_hook(lambda m, a, out: probe.after(out)))
     try:
-        _run_checked(model, task, inputs, who)
+        run_checked(model, task, inputs, who)
     finally:
         for handle in handles:
             handle.remove()
@@ -326,7 +326,7 @@ def capture_inputs(
             tokens = token_mask(inputs)
             seen = len(calls)
             try:
-                _run_checked(model, task, inputs, who)
+                run_checked(model, task, inputs, who)
             except _StopForward:
                 pass
             if len(calls) == seen:
@@ -414,7 +414,7 @@ def run_blockwise(
             for batch in task.batches("calib", limit=batches):
                 inputs = split_batch(batch)[0]
                 with padding_of(token_mask(inputs)):
-                    _run_checked(model, task, inputs, who)
+                    run_checked(model, task, inputs, who)
                 seen += 1
 
         step(Block("", model, whole, tuple(name for name, _ in blocks)))

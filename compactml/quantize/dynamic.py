@@ -263,10 +263,6 @@ class Dynamic(Technique):
     def apply(self, model: nn.Module, task: Task | None = None) -> nn.Module:
         """A copy of ``model`` whose selected Linear layers are :class:`DynamicQuantLinear`
         (``task`` is only needed, for its calib batches, with ``per_tensor="auto"``)."""
-        if self.per_tensor == AUTO:
-            from compactml.quantize.dynamic_choice import check_task
-
-            check_task(task)
         new = self.copy_model(model)
         chosen = self.targets(new, (nn.Linear,))
         if not chosen:
@@ -290,7 +286,7 @@ class Dynamic(Technique):
         if self.per_tensor == AUTO:
             from compactml.quantize.dynamic_choice import choose_per_tensor
 
-            _, details = choose_per_tensor(
+            details = choose_per_tensor(
                 model, new, built, task, self.tolerance, self.calib_batches, self.progress
             )
         warn_skipped(self, skipped)

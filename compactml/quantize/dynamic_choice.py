@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compactml.calib.capture import RUN_ERRORS, token_mask
-from compactml.errors import CompactMLError, first_line
+from compactml.calib.capture import run_checked, token_mask
+from compactml.errors import CompactMLError
 from compactml.progress import progress_bar
 from compactml.quantize.dynamic import (
     DynamicQuantLinear,
@@ -51,7 +51,7 @@ from compactml.quantize.dynamic import (
     fake_quantize_tokens,
 )
 from compactml.sensitivity.measures import OutputError
-from compactml.task import Task, describe, eval_mode, split_batch
+from compactml.task import Task, eval_mode, split_batch
 
 WHO = "Dynamic(per_tensor='auto')"
 #: Consecutive groups that do not fit after which the one-by-one extension stops.
@@ -152,14 +152,7 @@ def _measure_costs(
             for batch in progress_bar(data, f"{WHO}: layer costs", enabled=progress):
                 inputs = split_batch(batch)[0]
                 costs.new_batch(inputs)
-                try:
-                    task.run(model, inputs)
-                except RUN_ERRORS as exc:
-                    raise CompactMLError(
-                        f"{WHO} cannot run the model on the calibration batch "
-                        f"{describe(inputs)} ({first_line(exc)}); give calibration batches "
-                        "shaped as the model expects"
-                    ) from exc
+                run_checked(model, task, inputs, WHO)
     finally:
         costs.remove()
     return costs
@@ -173,17 +166,16 @@ def choose_per_tensor(
     tolerance: float,
     batches: int | None = None,
     progress: bool = True,
-) -> tuple[list[str], dict[str, Any]]:
+) -> dict[str, Any]:
     """Set ``activation="tensor"`` on as many of ``layers``' groups as fit, cheapest first:
     ``model``'s output error against ``reference`` (the float model) stays within
     ``(1 + tolerance)`` of the all-per-token error (see the module docstring).
 
-    ``model`` holds ``layers`` (all per token on entry) and is changed in place. Returns the
-    names set per tensor (model order) and a JSON-able summary for the model's history.
+    ``model`` holds ``layers`` (all per token on entry) and is changed in place. Returns a
+    JSON-able summary for the model's history: the names set per tensor (model order) under
+    ``per_tensor``, and the errors measured under ``selection``.
     """
     check_task(task)
-    for layer in layers.values():
-        layer.activation = "token"
     costs = _measure_costs(model, layers, task, batches, progress)
     order, left_out = costs.groups()
     scorer = OutputError(reference, task, batches)
@@ -237,9 +229,8 @@ def choose_per_tensor(
             if misses == PATIENCE:
                 break
     choose(selected)
-    chosen = [name for name in layers if layers[name].activation == "tensor"]
-    summary = {
-        "per_tensor": chosen,
+    return {
+        "per_tensor": [name for name in layers if layers[name].activation == "tensor"],
         "selection": {
             "measure": scorer.describe,
             "output_error_per_token": base,
@@ -251,4 +242,3 @@ def choose_per_tensor(
             "left_per_token": left_out,
         },
     }
-    return chosen, summary
